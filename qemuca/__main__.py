@@ -1,0 +1,3 @@
+from qemuca.cli import main
+
+main()

@@ -1,0 +1,352 @@
+"""The QEMU CA: create it, unlock its key, issue, sign, revoke and publish the CRL.
+
+Knows nothing of the command line: passphrases arrive through a callable, so the
+CLI can prompt while scripts pass a file, and the key is only unlocked when an
+action really needs it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from qemuca import profile
+from qemuca.errors import Conflict, InvalidInput, NotFound, PassphraseError, StoreError
+from qemuca.names import host_name, san_value
+from qemuca.store import CertRecord, NewCert, Store, iso, parse_iso
+
+PassphraseSource = Callable[[], bytes]
+
+REVOCATION_REASONS = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "key-compromise": x509.ReasonFlags.key_compromise,
+    "ca-compromise": x509.ReasonFlags.ca_compromise,
+    "affiliation-changed": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
+    "privilege-withdrawn": x509.ReasonFlags.privilege_withdrawn,
+}
+DEFAULT_CRL_DAYS = 30
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def key_pem(key, passphrase: Optional[bytes] = None) -> str:
+    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
+                  else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             encryption).decode("ascii")
+
+
+def read_passphrase_file(path: str) -> bytes:
+    """The first line of a passphrase file that only its owner can read."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise PassphraseError(f"passphrase file {path} is accessible by others "
+                                  f"(mode {st.st_mode & 0o777:04o}); run: chmod 600 {path}")
+        with open(path, "rb") as f:
+            data = f.read(4096)
+    except FileNotFoundError:
+        raise PassphraseError(f"passphrase file {path} does not exist") from None
+    except IsADirectoryError:
+        raise PassphraseError(f"passphrase file {path} is a directory") from None
+    except PermissionError:
+        raise PassphraseError(f"passphrase file {path} is not readable") from None
+    passphrase = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not passphrase:
+        raise PassphraseError(f"passphrase file {path} is empty")
+    return passphrase
+
+
+def default_ca_common_name() -> str:
+    return f"QEMU CA {socket.getfqdn()}"
+
+
+# ---------------------------------------------------------------- creation
+
+def init_ca(home: str, *, common_name: str, organization: Optional[str], key_type: str,
+            days: int, passphrase: Optional[bytes], force: bool) -> Store:
+    """Create the CA and an empty index; an existing CA is set aside, never deleted."""
+    store = Store(home)
+    if os.path.exists(store.ca_cert_path) and not force:
+        raise Conflict(f"a CA already exists in {store.home} (use --force to set it aside "
+                       "and create a new one)")
+    if days < 1:
+        raise InvalidInput("--days must be at least 1")
+    key = profile.generate_key(key_type)
+    cert = profile.build_ca_certificate(key, profile.ca_name(common_name, organization), days)
+
+    os.makedirs(store.home, mode=0o700, exist_ok=True)
+    os.chmod(store.home, 0o700)
+    _retire(store)
+    staging = os.path.join(store.home, f".ca-new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging, 0o700)
+    store.fs.write_atomic(os.path.join(staging, "ca-key.pem"), key_pem(key, passphrase).encode(), 0o600)
+    store.fs.write_atomic(os.path.join(staging, "ca-cert.pem"), cert_pem(cert).encode(), 0o644)
+    store.initialise_index()
+    with store.write() as db:
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('ca_fingerprint', ?)", (fingerprint(cert),))
+        store.audit(db, "init", cert.subject.rfc4514_string(), fingerprint_sha256=fingerprint(cert),
+                    key_type=key_type, not_after=iso(cert.not_valid_after_utc),
+                    encrypted=passphrase is not None)
+    # The CA appears in one rename, after the index is ready: an interrupted init
+    # leaves no half CA, only leftovers that the next init sets aside.
+    os.rename(staging, store.ca_dir)
+    return store
+
+
+def _retire(store: Store) -> None:
+    """Move an existing CA, index and CRL to retired/<time>/ (kept for recovery)."""
+    names = ["ca", "index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "crl.pem"]
+    present = [n for n in names if os.path.lexists(os.path.join(store.home, n))]
+    if not present:
+        return
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = os.path.join(store.home, "retired", stamp)
+    os.makedirs(target, mode=0o700)
+    store.close()
+    for name in present:
+        os.rename(os.path.join(store.home, name), os.path.join(target, name))
+
+
+# ---------------------------------------------------------------- the CA in use
+
+@dataclass(frozen=True)
+class Issued:
+    record: CertRecord
+    replaced: Optional[str]
+
+
+class CertificateAuthority:
+    def __init__(self, store: Store, passphrase: Optional[PassphraseSource] = None):
+        self.store = store
+        self._passphrase = passphrase
+        self._key = None
+        try:
+            self.cert = x509.load_pem_x509_certificate(store.fs.read_bytes(store.ca_cert_path))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"CA certificate {store.ca_cert_path} is unreadable: {e}") from None
+        self.fingerprint = fingerprint(self.cert)
+
+    @property
+    def key(self):
+        if self._key is None:
+            self._key = self._load_key()
+        return self._key
+
+    def _load_key(self):
+        path = self.store.ca_key_path
+        try:
+            data = self.store.fs.read_bytes(path)
+        except OSError as e:
+            raise StoreError(f"CA key {path} is unreadable: {e.strerror}") from None
+        encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+        password = None
+        if encrypted:
+            if self._passphrase is None:
+                raise PassphraseError("the CA key is encrypted: give --passphrase-file or "
+                                      "QEMUCA_PASSPHRASE_FILE")
+            password = self._passphrase()
+        try:
+            key = serialization.load_pem_private_key(data, password=password)
+        except (ValueError, TypeError):
+            if encrypted:
+                raise PassphraseError("wrong passphrase for the CA key") from None
+            raise StoreError(f"CA key {path} is corrupt") from None
+        if key.public_key().public_numbers() != self.cert.public_key().public_numbers():
+            raise StoreError(f"CA key {path} does not match the CA certificate")
+        return key
+
+    def bundle(self) -> bytes:
+        """What hosts get as ca-cert.pem."""
+        return cert_pem(self.cert).encode()
+
+    def crl_pem(self) -> Optional[bytes]:
+        """The current CRL when anything is revoked (what hosts get as ca-crl.pem)."""
+        if not self.store.revoked():
+            return None
+        try:
+            return self.store.fs.read_bytes(self.store.crl_path)
+        except FileNotFoundError:
+            raise StoreError("certificates are revoked but no CRL exists: run 'qemuca crl'") from None
+
+    # -- issuing
+    def issue(self, hosts: Sequence[str], sans: Sequence[str], days: int, key_type: str,
+              force: bool) -> List[Issued]:
+        """Issue one certificate per host with a key made here; one index transaction."""
+        names = _unique_hosts(hosts)
+        extra = [san_value(s) for s in sans]
+        _check_days(days)
+        if key_type not in profile.KEY_TYPES:
+            raise InvalidInput(f"unknown key type '{key_type}'")
+        if not force:
+            for name in names:
+                current = self.store.valid_for_host(name)
+                if current:
+                    raise Conflict(f"{name} already has a valid certificate (serial "
+                                   f"{current.serial}); use --force to replace it")
+        ca_key = self.key
+        new = []
+        for name in names:
+            key = profile.generate_key(key_type)
+            cert = profile.build_host_certificate(self.cert, ca_key, name, extra, key.public_key(), days)
+            new.append(NewCert(self._record(cert, name, "generated", key_type), key_pem(key)))
+        replaced = self.store.add_certificates(new, force=force, action="issue")
+        return [Issued(n.record, r) for n, r in zip(new, replaced)]
+
+    def sign(self, csr_data: bytes, host: Optional[str], sans: Sequence[str], days: int,
+             force: bool) -> Issued:
+        """Sign a CSR made on the host; the profile, not the CSR, decides the extensions."""
+        csr = load_csr(csr_data)
+        if host is None:
+            cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            if not cns:
+                raise InvalidInput("the CSR has no CN: give the host name with --host")
+            host = str(cns[0].value)
+        name = host_name(host)
+        extra = [san_value(s) for s in sans]
+        _check_days(days)
+        public = csr.public_key()
+        cert = profile.build_host_certificate(self.cert, self.key, name, extra, public, days)
+        key_type = _key_type_name(public)
+        new = NewCert(self._record(cert, name, "csr", key_type), None)
+        (replaced,) = self.store.add_certificates([new], force=force, action="sign")
+        return Issued(new.record, replaced)
+
+    def _record(self, cert, host, key_source, key_type) -> CertRecord:
+        return CertRecord(
+            serial=serial_hex(cert), host=host, sans=profile.sans_of(cert),
+            not_before=iso(cert.not_valid_before_utc), not_after=iso(cert.not_valid_after_utc),
+            fingerprint_sha256=fingerprint(cert), status="valid", replaces=None,
+            issued_at=iso(profile.utcnow()), ca_fingerprint=self.fingerprint,
+            key_source=key_source, key_type=key_type, cert_pem=cert_pem(cert))
+
+    # -- revocation
+    def revoke(self, host_or_serial: str, reason: str, crl_days: int = DEFAULT_CRL_DAYS) -> CertRecord:
+        if reason not in REVOCATION_REASONS:
+            raise InvalidInput(f"unknown reason '{reason}' (choose from {', '.join(REVOCATION_REASONS)})")
+        record = self.store.find(host_or_serial)
+        self.key  # unlock first: a wrong passphrase must change nothing
+        revoked = self.store.revoke(record.serial, reason, profile.utcnow())
+        self.write_crl(crl_days)
+        return revoked
+
+    def write_crl(self, days: int = DEFAULT_CRL_DAYS) -> bytes:
+        """Sign a CRL of every revoked certificate and store it as crl.pem."""
+        if days < 1:
+            raise InvalidInput("the CRL's next update must be at least 1 day away")
+        now = profile.utcnow()
+        ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        key = self.key
+        with self.store.write() as db:
+            number = self.store.next_crl_number(db)
+            builder = (x509.CertificateRevocationListBuilder()
+                       .issuer_name(self.cert.subject)
+                       .last_update(now)
+                       .next_update(now + dt.timedelta(days=days))
+                       .add_extension(x509.CRLNumber(number), critical=False)
+                       .add_extension(x509.AuthorityKeyIdentifier
+                                      .from_issuer_subject_key_identifier(ski), critical=False))
+            for rec in self.store.revoked():
+                entry = (x509.RevokedCertificateBuilder()
+                         .serial_number(int(rec.serial, 16))
+                         .revocation_date(parse_iso(rec.revoked_at)))
+                if rec.revocation_reason and rec.revocation_reason != "unspecified":
+                    entry = entry.add_extension(
+                        x509.CRLReason(REVOCATION_REASONS[rec.revocation_reason]), critical=False)
+                builder = builder.add_revoked_certificate(entry.build())
+            crl = builder.sign(key, profile.signature_hash(key))
+            pem = crl.public_bytes(serialization.Encoding.PEM)
+            self.store.fs.write_atomic(self.store.crl_path, pem, 0o644)
+            self.store.audit(db, "crl", None, crl_number=number, next_update=iso(now + dt.timedelta(days=days)),
+                             revoked=len(self.store.revoked()))
+        return pem
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    try:
+        csr = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data
+               else x509.load_der_x509_csr(data))
+    except ValueError:
+        raise InvalidInput("not a valid certificate signing request (PEM or DER)") from None
+    try:
+        valid = csr.is_signature_valid
+        public = csr.public_key()
+    except Exception:
+        raise InvalidInput("the CSR uses an unsupported key or signature algorithm") from None
+    if not valid:
+        raise InvalidInput("the CSR's signature does not verify")
+    problem = profile.key_problem(public)
+    if problem:
+        raise InvalidInput(f"CSR refused: {problem}")
+    return csr
+
+
+def _key_type_name(public) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(public, rsa.RSAPublicKey):
+        return f"rsa{public.key_size}"
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ecdsa-p256", "secp384r1": "ecdsa-p384"}[public.curve.name]
+    raise InvalidInput("unsupported key type")
+
+
+def _unique_hosts(hosts: Sequence[str]) -> List[str]:
+    if not hosts:
+        raise InvalidInput("no host given")
+    names: List[str] = []
+    for h in hosts:
+        name = host_name(h)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _check_days(days: int) -> None:
+    if days < 1 or days > 36500:
+        raise InvalidInput("--days must be between 1 and 36500")
+
+
+def require_host(store: Store, host: str) -> CertRecord:
+    record = store.valid_for_host(host_name(host))
+    if record is None:
+        raise NotFound(f"{host} has no valid certificate (issue one with 'qemuca issue {host}')")
+    return record
+
+
+def credential_set(store: Store, ca: CertificateAuthority, host: str):
+    """The host's current credential set from the store, with the key qemuca made.
+
+    Hosts enrolled with a CSR have no key here: their key never left the host.
+    """
+    from qemuca.layout import CredentialSet
+
+    record = require_host(store, host)
+    key = store.key_pem(record.serial)
+    if key is None:
+        raise NotFound(f"{record.host}'s key was generated on the host (CSR): qemuca has no "
+                       "key to export; use 'qemuca enroll' or copy the certificate only")
+    return CredentialSet.build(record.host, record.fingerprint_sha256, ca.bundle(),
+                               record.cert_pem.encode(), key.encode(), ca.crl_pem())

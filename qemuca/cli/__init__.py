@@ -1,0 +1,116 @@
+"""The qemuca command line: parse, call the core, render.
+
+Commands are loaded lazily from the table below so that `qemuca --help` and
+`qemuca --version` cost little more than importing click: cryptography, paramiko and
+rich are imported only by the command that needs them. This module is also the one
+place where core errors become exit codes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import import_module
+
+import click
+
+from qemuca import __version__
+
+# name -> (module, attribute, one-line help shown by `qemuca --help`)
+COMMANDS = {
+    "init": ("qemuca.cli.ca_cmds", "init_cmd", "Create the dedicated QEMU CA."),
+    "issue": ("qemuca.cli.ca_cmds", "issue_cmd", "Issue host certificates (key made here)."),
+    "sign": ("qemuca.cli.ca_cmds", "sign_cmd", "Sign a CSR made on a host (key stays there)."),
+    "revoke": ("qemuca.cli.ca_cmds", "revoke_cmd", "Revoke a host's certificate."),
+    "crl": ("qemuca.cli.ca_cmds", "crl_cmd", "Write the CA's certificate revocation list."),
+    "export": ("qemuca.cli.export_cmd", "export_cmd", "Write a host's QEMU credential files."),
+    "list": ("qemuca.cli.inventory", "list_cmd", "List issued certificates."),
+    "show": ("qemuca.cli.inventory", "show_cmd", "Show one certificate from the index."),
+    "inspect": ("qemuca.cli.inventory", "inspect_cmd", "Inspect a PEM file against QEMU's checks."),
+    "qemu-conf": ("qemuca.cli.qemu_conf", "qemu_conf_group", "Edit libvirt's qemu.conf TLS settings."),
+}
+
+_debug = False
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported only when invoked."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, cmd_name):
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        module, attr, _ = entry
+        return getattr(import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def default_home() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "qemuca")
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="qemuca")
+@click.option(
+    "--home",
+    envvar="QEMUCA_HOME",
+    type=click.Path(file_okay=False),
+    default=default_home,
+    show_default="$XDG_DATA_HOME/qemuca, i.e. ~/.local/share/qemuca",
+    help="The CA store directory (also QEMUCA_HOME).",
+)
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+@click.pass_context
+def cli(ctx, home, debug):
+    """A dedicated certificate authority for QEMU migration TLS.
+
+    qemuca keeps a CA used only by QEMU, issues one certificate per hypervisor
+    (named by its host name), writes the files QEMU reads from /etc/pki/qemu and the
+    libvirt qemu.conf settings that turn migration TLS on.
+
+    Exit codes: 0 ok, 1 a check or host failed, 2 usage, 3 invalid input, 4 not
+    found, 5 conflict (needs --force), 6 passphrase, 7 store, 8 remote, 9 host key,
+    10 local I/O, 130 interrupted. See docs/exit-codes.md.
+    """
+    global _debug
+    _debug = debug
+    from qemuca.cli.context import AppContext
+
+    ctx.obj = AppContext(home=home, debug=debug)
+
+
+def _fail(message: str, code: int):
+    click.echo(f"qemuca: error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv=None):
+    from qemuca import errors
+
+    try:
+        rv = cli.main(args=argv, prog_name="qemuca", standalone_mode=False)
+    except errors.QemucaError as e:
+        if _debug:
+            raise
+        _fail(" ".join(str(e).split("\n")), e.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", errors.EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", errors.EXIT_INTERRUPTED)
+    except OSError as e:
+        if _debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}", errors.EXIT_IO)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,213 @@
+"""Commands that change the CA store: init, issue, sign, revoke, crl."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from qemuca import ca, profile
+from qemuca.cli.options import (days_option, hosts_file_option, hosts_from,
+                                passphrase_file_option, passphrase_source)
+from qemuca.cli.output import emit_json, json_option, note, print_table
+
+
+def _open_ca(app, passphrase_file):
+    return ca.CertificateAuthority(app.store(), passphrase_source(passphrase_file))
+
+
+@click.command("init")
+@click.option("--cn", "common_name", help="CA common name [default: 'QEMU CA <this host's FQDN>'].")
+@click.option("--org", "organization", help="Organisation (O) of the CA subject.")
+@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_CA_KEY_TYPE, show_default=True)
+@click.option("--days", type=click.IntRange(1, 36500), default=3650, show_default=True,
+              help="Validity of the CA in days.")
+@passphrase_file_option
+@click.option("--no-passphrase", is_flag=True,
+              help="Store the CA key unencrypted (protected by file mode 0600 only).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing CA; the old CA and index are kept in HOME/retired/.")
+@json_option
+@click.pass_obj
+def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no_passphrase,
+             force, as_json):
+    """Create the dedicated QEMU CA in the store (HOME, see qemuca --help).
+
+    The CA signs QEMU's certificates only (OU=qemu): keep it apart from the CA of
+    libvirt and your management daemons, so a compromised QEMU process can never
+    authenticate to them. The key is encrypted with a passphrase unless
+    --no-passphrase is given: from --passphrase-file, QEMUCA_PASSPHRASE_FILE, or
+    asked twice on the terminal.
+    """
+    from qemuca.errors import InvalidInput, PassphraseError
+
+    if no_passphrase and passphrase_file:
+        raise InvalidInput("--no-passphrase and --passphrase-file exclude each other")
+    passphrase = None
+    if passphrase_file:
+        passphrase = ca.read_passphrase_file(passphrase_file)
+    elif not no_passphrase:
+        if not sys.stdin.isatty():
+            raise PassphraseError("no terminal to ask for a passphrase: give --passphrase-file, "
+                                  "QEMUCA_PASSPHRASE_FILE or --no-passphrase")
+        passphrase = click.prompt("New CA key passphrase", hide_input=True,
+                                  confirmation_prompt=True, err=True).encode()
+    store = ca.init_ca(app.home, common_name=common_name or ca.default_ca_common_name(),
+                       organization=organization, key_type=key_type, days=days,
+                       passphrase=passphrase, force=force)
+    authority = ca.CertificateAuthority(store)
+    info = {
+        "home": store.home,
+        "subject": authority.cert.subject.rfc4514_string(),
+        "fingerprint_sha256": authority.fingerprint,
+        "not_after": authority.cert.not_valid_after_utc.isoformat(),
+        "key_type": key_type,
+        "key_encrypted": passphrase is not None,
+    }
+    if as_json:
+        emit_json(info)
+    else:
+        note(f"Created QEMU CA '{info['subject']}' in {store.home}")
+        note(f"  SHA-256 fingerprint {authority.fingerprint}")
+        note(f"  valid until {info['not_after']}; key {'encrypted' if passphrase else 'NOT encrypted'}")
+
+
+def _issued_rows(issued):
+    return [(i.record.host, i.record.serial, i.record.not_after, i.record.fingerprint_sha256[:16],
+             i.replaced or "") for i in issued]
+
+
+def _render_issued(issued, as_json):
+    if as_json:
+        emit_json([dict(i.record.as_dict(), replaced=i.replaced) for i in issued])
+    else:
+        print_table(f"Issued {len(issued)} certificate(s)",
+                    ["host", "serial", "not after", "fingerprint (SHA-256)", "replaces"],
+                    _issued_rows(issued))
+
+
+@click.command("issue")
+@click.argument("hosts", nargs=-1)
+@hosts_file_option
+@click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
+              help="Extra subjectAltName for every host issued (DNS name or IP; repeatable).")
+@days_option
+@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_HOST_KEY_TYPE,
+              show_default=True, help="Type of the host key generated here.")
+@click.option("--force", is_flag=True, help="Replace a host's valid certificate (it becomes superseded).")
+@passphrase_file_option
+@json_option
+@click.pass_obj
+def issue_cmd(app, hosts, hosts_file, sans, days, key_type, force, passphrase_file, as_json):
+    """Issue a QEMU certificate for each HOST, with a key generated here.
+
+    Each certificate names the host (CN and dNSName SAN = HOST, which QEMU's
+    migration source checks against the destination) and serves QEMU as both
+    migration server and client. For keys that never leave the host, use
+    'qemuca sign' with a CSR (or 'qemuca enroll').
+    """
+    authority = _open_ca(app, passphrase_file)
+    issued = authority.issue(hosts_from(hosts, hosts_file), sans, days or profile.DEFAULT_HOST_DAYS,
+                             key_type, force)
+    _render_issued(issued, as_json)
+
+
+@click.command("sign")
+@click.argument("csr_file", type=click.Path(dir_okay=False))
+@click.option("--host", help="Host name to certify [default: the CSR's CN].")
+@click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
+              help="Extra subjectAltName (DNS name or IP; repeatable).")
+@days_option
+@click.option("--force", is_flag=True, help="Replace the host's valid certificate.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the certificate to FILE.")
+@passphrase_file_option
+@json_option
+@click.pass_obj
+def sign_cmd(app, csr_file, host, sans, days, force, out, passphrase_file, as_json):
+    """Sign CSR_FILE (PEM or DER) made on a host, so its key never leaves it.
+
+    The CSR's signature must verify and its key be RSA >= 2048, P-256 or P-384.
+    Extensions requested in the CSR are ignored: the QEMU profile decides them.
+    The certificate is printed (PEM) unless --json or --out is given.
+    """
+    from qemuca.errors import InvalidInput
+    from qemuca.fs import LocalFS
+
+    try:
+        with open(csr_file, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as e:
+        raise InvalidInput(f"cannot read {csr_file}: {e.strerror}") from None
+    issued = _open_ca(app, passphrase_file).sign(data, host, sans, days or profile.DEFAULT_HOST_DAYS, force)
+    if out:
+        import os
+
+        LocalFS().write_atomic(os.path.abspath(out), issued.record.cert_pem.encode(), 0o644)
+    if as_json:
+        emit_json(dict(issued.record.as_dict(with_pem=True), replaced=issued.replaced))
+    elif not out:
+        click.echo(issued.record.cert_pem, nl=False)
+    else:
+        _render_issued([issued], False)
+
+
+@click.command("revoke")
+@click.argument("host_or_serial")
+@click.option("--reason", default="unspecified", show_default=True,
+              type=click.Choice(["unspecified", "key-compromise", "ca-compromise",
+                                 "affiliation-changed", "superseded", "cessation-of-operation",
+                                 "privilege-withdrawn"]))
+@click.option("--crl-days", type=click.IntRange(1, 3650), default=30, show_default=True,
+              help="Next update of the CRL written after revoking.")
+@passphrase_file_option
+@json_option
+@click.pass_obj
+def revoke_cmd(app, host_or_serial, reason, crl_days, passphrase_file, as_json):
+    """Revoke the current certificate of a host (or the certificate with a serial).
+
+    The CRL is re-signed at once (HOME/crl.pem); hosts only learn of it once it is
+    deployed as ca-crl.pem. Note QEMU reads ca-crl.pem only on the migration
+    DESTINATION: a revoked host can no longer send migrations to hosts holding the
+    CRL, but can still receive one it is sent. To cut it off completely, roll the
+    CA over without it.
+    """
+    record = _open_ca(app, passphrase_file).revoke(host_or_serial, reason, crl_days)
+    if as_json:
+        emit_json(record.as_dict())
+    else:
+        note(f"Revoked {record.host} (serial {record.serial}, reason {reason}); CRL updated.")
+        note("Deploy the CRL to every host (ca-crl.pem). QEMU checks it only on the destination side:")
+        note(f"{record.host} can still RECEIVE migrations until the CA is rolled over without it.")
+
+
+@click.command("crl")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the CRL to FILE.")
+@click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True,
+              help="Days until the CRL's next update.")
+@passphrase_file_option
+@json_option
+@click.pass_obj
+def crl_cmd(app, out, days, passphrase_file, as_json):
+    """Sign a fresh CRL of every revoked certificate (HOME/crl.pem).
+
+    Re-run before the next update date and redeploy it: a CRL past its next update
+    is reported by 'qemuca verify'. Prints the PEM unless --out or --json is given.
+    """
+    import os
+
+    from cryptography import x509
+
+    from qemuca.fs import LocalFS
+
+    pem = _open_ca(app, passphrase_file).write_crl(days)
+    if out:
+        LocalFS().write_atomic(os.path.abspath(out), pem, 0o644)
+    crl = x509.load_pem_x509_crl(pem)
+    if as_json:
+        emit_json({"path": app.store().crl_path, "revoked": len(crl),
+                   "last_update": crl.last_update_utc.isoformat(),
+                   "next_update": crl.next_update_utc.isoformat(), "pem": pem.decode()})
+    elif out:
+        note(f"Wrote CRL ({len(crl)} revoked, next update {crl.next_update_utc.isoformat()}) to {out}")
+    else:
+        click.echo(pem.decode(), nl=False)

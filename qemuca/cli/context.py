@@ -1,0 +1,20 @@
+"""State shared by the commands of one invocation: the store home and options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AppContext:
+    home: str
+    debug: bool = False
+    _store: object = field(default=None, repr=False)
+
+    def store(self):
+        """Open the CA store lazily: most --help paths never need it."""
+        if self._store is None:
+            from qemuca.store import Store
+
+            self._store = Store.open(self.home)
+        return self._store

@@ -1,0 +1,45 @@
+"""qemuca export: a host's credential set into a local directory."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from qemuca.cli.output import emit_json, json_option, note
+
+
+@click.command("export")
+@click.argument("host")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False),
+              help="Directory to write the QEMU layout into (created 0755 if missing).")
+@click.option("--force", is_flag=True,
+              help="Replace layout files qemuca did not write (they are kept for rollback).")
+@json_option
+@click.pass_obj
+def export_cmd(app, host, directory, force, as_json):
+    """Write HOST's QEMU credentials into a directory, the layout QEMU reads.
+
+    ca-cert.pem (the CA bundle), server-cert.pem, server-key.pem, client-cert.pem,
+    client-key.pem (the same certificate and key: one certificate serves QEMU as
+    migration destination and source) and ca-crl.pem when anything is revoked.
+    Keys are 0600. The names are links into a hidden .qemuca/ set directory, so a
+    new export switches every file at once; exporting the same set again changes
+    nothing. Use it with QEMU's -object tls-creds-x509,dir=DIR.
+    """
+    from qemuca import ca, install
+    from qemuca.fs import LocalFS
+    from qemuca.layout import EXPORT_MODES
+
+    store = app.store()
+    authority = ca.CertificateAuthority(store)
+    creds = ca.credential_set(store, authority, host)
+    path = os.path.abspath(directory)
+    result = install.install(LocalFS(), path, creds, EXPORT_MODES, force=force)
+    info = {"host": creds.host, "dir": path, "result": "changed" if result.changed else "unchanged",
+            "fingerprint_sha256": creds.fingerprint_sha256, "files": sorted(creds.files),
+            "adopted": result.adopted}
+    if as_json:
+        emit_json(info)
+    else:
+        note(f"{creds.host}: {info['result']} in {path} ({', '.join(info['files'])})")

@@ -1,0 +1,49 @@
+"""Options and argument helpers shared by several commands."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+passphrase_file_option = click.option(
+    "--passphrase-file",
+    envvar="QEMUCA_PASSPHRASE_FILE",
+    type=click.Path(dir_okay=True),
+    help="File whose first line is the CA key's passphrase; must be mode 0600 "
+         "(also QEMUCA_PASSPHRASE_FILE). Without it, qemuca asks on the terminal.",
+)
+
+
+def passphrase_source(path):
+    """A callable giving the CA passphrase: from the file, else asked on the terminal."""
+    from qemuca.ca import read_passphrase_file
+    from qemuca.errors import PassphraseError
+
+    def get() -> bytes:
+        if path:
+            return read_passphrase_file(path)
+        if not sys.stdin.isatty():
+            raise PassphraseError("the CA key is encrypted and there is no terminal to ask: "
+                                  "give --passphrase-file or QEMUCA_PASSPHRASE_FILE")
+        return click.prompt("CA key passphrase", hide_input=True, err=True).encode()
+
+    return get
+
+
+def hosts_from(args, hosts_file):
+    """Host arguments plus the names in --hosts-file."""
+    hosts = list(args)
+    if hosts_file:
+        from qemuca.hostlist import read_hosts_file
+
+        hosts.extend(read_hosts_file(hosts_file))
+    return hosts
+
+
+hosts_file_option = click.option(
+    "--hosts-file", type=click.Path(dir_okay=False),
+    help="Read host names from FILE, one per line (# starts a comment).")
+
+days_option = click.option("--days", type=click.IntRange(1, 36500), default=None,
+                           help="Validity in days [default: 730, never past the CA's own].")

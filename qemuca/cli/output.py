@@ -1,0 +1,55 @@
+"""Rendering helpers: JSON for scripts, rich tables for people, notes on stderr.
+
+rich is imported only when a table is actually printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def note(message: str) -> None:
+    """Informational line for people; stderr, so stdout stays parseable."""
+    click.echo(message, err=True)
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def print_table(title, columns, rows) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[("" if v is None else str(v)) for v in row])
+    console().print(table)
+
+
+def print_fields(title, pairs) -> None:
+    """A two-column key/value view (show, inspect)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in pairs:
+        table.add_row(key, "" if value is None else str(value))
+    console().print(table)
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()

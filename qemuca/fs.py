@@ -1,0 +1,171 @@
+"""The places a credential set can live, behind one small interface.
+
+`LocalFS` works on this machine; `RemoteFS` (qemuca.remotefs) does the same over SFTP.
+Everything that writes goes through `write_atomic`: a temp file in the same
+directory, created with its final mode, fsynced, then renamed over the target, so a
+reader sees the old bytes or the new bytes, never a mix, and a crash never leaves a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat as stat_mod
+from dataclasses import dataclass
+from typing import List, Optional
+
+
+@dataclass(frozen=True)
+class FileStat:
+    mode: int  # full st_mode (type and permission bits)
+    uid: int
+    gid: int
+    size: int
+    mtime: float
+
+    @property
+    def perms(self) -> int:
+        return stat_mod.S_IMODE(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat_mod.S_ISREG(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat_mod.S_ISLNK(self.mode)
+
+
+def temp_name(path: str) -> str:
+    """A hidden sibling name for staging `path`; random so parallel writers never clash."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.qemuca-tmp-{secrets.token_hex(6)}")
+
+
+class FS:
+    """What deploy, export and verify need from a place. Paths are absolute."""
+
+    def read_bytes(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def write_atomic(self, path: str, data: bytes, mode: int, uid: Optional[int] = None,
+                     gid: Optional[int] = None) -> None:
+        raise NotImplementedError
+
+    def stat(self, path: str, follow: bool = True) -> Optional[FileStat]:
+        """FileStat of path, or None when it does not exist."""
+        raise NotImplementedError
+
+    def makedirs(self, path: str, mode: int = 0o755) -> None:
+        raise NotImplementedError
+
+    def listdir(self, path: str) -> List[str]:
+        raise NotImplementedError
+
+    def readlink(self, path: str) -> str:
+        raise NotImplementedError
+
+    def symlink_atomic(self, target: str, path: str) -> None:
+        """Point `path` at `target`, replacing whatever link was there in one rename."""
+        raise NotImplementedError
+
+    def remove(self, path: str) -> None:
+        raise NotImplementedError
+
+    def rmtree(self, path: str) -> None:
+        raise NotImplementedError
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        raise NotImplementedError
+
+    def chmod(self, path: str, mode: int) -> None:
+        raise NotImplementedError
+
+    def exists(self, path: str) -> bool:
+        return self.stat(path, follow=False) is not None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalFS(FS):
+    """This machine's file system."""
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def write_atomic(self, path, data, mode, uid=None, gid=None):
+        tmp = temp_name(path)
+        # Created with its final mode (0 umask effect is fixed by fchmod before any
+        # byte is written), so a secret is never briefly readable by others.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o600)
+        try:
+            try:
+                if uid is not None or gid is not None:
+                    os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+                os.fchmod(fd, mode)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(os.path.dirname(path) or ".")
+
+    def stat(self, path, follow=True):
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except FileNotFoundError:
+            return None
+        return FileStat(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime)
+
+    def makedirs(self, path, mode=0o755):
+        os.makedirs(path, mode=mode, exist_ok=True)
+
+    def listdir(self, path):
+        return sorted(os.listdir(path))
+
+    def readlink(self, path):
+        return os.readlink(path)
+
+    def symlink_atomic(self, target, path):
+        tmp = temp_name(path)
+        os.symlink(target, tmp)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        _fsync_dir(os.path.dirname(path) or ".")
+
+    def remove(self, path):
+        os.unlink(path)
+
+    def rmtree(self, path):
+        import shutil
+
+        shutil.rmtree(path)
+
+    def chown(self, path, uid, gid):
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+    def chmod(self, path, mode):
+        os.chmod(path, mode)

@@ -1,0 +1,87 @@
+"""Host names and SAN values: the one place that decides what is acceptable.
+
+A host name becomes a file name in the store, a certificate CN and dNSName, and the
+name QEMU's migration client compares with the destination: it must be a plain DNS
+name (RFC 1123), never a path, a wildcard or an IP address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Union
+
+from qemuca.errors import InvalidInput
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_NAME = 253
+
+
+def _shown(value: str) -> str:
+    """A value safe to echo in a one-line error (control characters escaped)."""
+    shown = value.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def host_name(value: str) -> str:
+    """Validate and normalise a host name: lower case, A-labels for non-ASCII.
+
+    Raises InvalidInput with the reason. A single trailing dot (an absolute name)
+    is dropped, since certificates carry names without it.
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("host name is empty")
+    name = value[:-1] if value.endswith(".") else value
+    if not name:
+        raise InvalidInput(f"invalid host name '{_shown(value)}': empty")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise InvalidInput(f"invalid host name '{_shown(value)}': control characters")
+    if "*" in name:
+        raise InvalidInput(f"invalid host name '{_shown(value)}': wildcards are not allowed")
+    if "/" in name or "\\" in name:
+        raise InvalidInput(f"invalid host name '{_shown(value)}': path characters are not allowed")
+    if _is_ip(name):
+        raise InvalidInput(
+            f"invalid host name '{_shown(value)}': an IP address; use the host's DNS name "
+            "and add the address with --san")
+    if not name.isascii():
+        name = _to_alabel(name, value)
+    name = name.lower()
+    if len(name) > MAX_NAME:
+        raise InvalidInput(f"invalid host name '{_shown(value)}': longer than {MAX_NAME} characters")
+    for label in name.split("."):
+        if not label:
+            raise InvalidInput(f"invalid host name '{_shown(value)}': empty label")
+        if len(label) > 63:
+            raise InvalidInput(f"invalid host name '{_shown(value)}': label longer than 63 characters")
+        if not _LABEL.match(label):
+            raise InvalidInput(
+                f"invalid host name '{_shown(value)}': labels hold letters, digits and inner "
+                "hyphens only")
+    if name.split(".")[-1].isdigit():
+        raise InvalidInput(f"invalid host name '{_shown(value)}': the last label is numeric")
+    return name
+
+
+def _to_alabel(name: str, original: str) -> str:
+    import idna  # IDNA 2008 + UTS 46: rejects disallowed code points and confusable mixes
+
+    try:
+        return idna.encode(name, uts46=True, std3_rules=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as e:
+        raise InvalidInput(f"invalid host name '{_shown(original)}': {e}") from None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def san_value(value: str) -> Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    """A --san value: an IP address (for an iPAddress SAN) or a DNS name."""
+    if isinstance(value, str) and _is_ip(value.strip("[]")):
+        return ipaddress.ip_address(value.strip("[]"))
+    return host_name(value)

@@ -1,0 +1,6 @@
+import os
+import sys
+
+# The tests import helpers as `tests.support...`; make the project root importable
+# whatever directory pytest was started from.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

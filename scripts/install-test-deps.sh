@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the test suite runs against, on a fresh Debian 12 machine (root):
 # real OpenSSH, QEMU, GnuTLS/OpenSSL tools, augeas with libvirt's qemu.conf lens,
-# tcpdump; then qemuca itself with its test extras.
+# tcpdump, and Debian's stock qemu.conf for the editor's tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,5 +16,3 @@ if ((${#missing[@]})); then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-
-python3 -m pip install -q -e '.[test]'

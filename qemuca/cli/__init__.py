@@ -28,6 +28,8 @@ COMMANDS = {
     "show": ("qemuca.cli.inventory", "show_cmd", "Show one certificate from the index."),
     "inspect": ("qemuca.cli.inventory", "inspect_cmd", "Inspect a PEM file against QEMU's checks."),
     "qemu-conf": ("qemuca.cli.qemu_conf", "qemu_conf_group", "Edit libvirt's qemu.conf TLS settings."),
+    "deploy": ("qemuca.cli.deploy_cmds", "deploy_cmd", "Deploy credentials and qemu.conf to hosts over SSH."),
+    "rollback": ("qemuca.cli.deploy_cmds", "rollback_cmd", "Switch hosts back to their previous credentials."),
 }
 
 _debug = False
@@ -78,7 +80,7 @@ def cli(ctx, home, debug):
 
     Exit codes: 0 ok, 1 a check or host failed, 2 usage, 3 invalid input, 4 not
     found, 5 conflict (needs --force), 6 passphrase, 7 store, 8 remote, 9 host key,
-    10 local I/O, 130 interrupted. See docs/exit-codes.md.
+    10 local I/O, 70 internal error, 130 interrupted. See docs/exit-codes.md.
     """
     global _debug
     _debug = debug
@@ -113,4 +115,9 @@ def main(argv=None):
             raise
         where = f": {e.filename}" if e.filename else ""
         _fail(f"{e.strerror or e}{where}", errors.EXIT_IO)
+    except Exception as e:  # a bug: still one line, the traceback only with --debug
+        if _debug:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug and report it)",
+              errors.EXIT_INTERNAL)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,144 @@
+"""Commands that change hosts over SSH: deploy, enroll, rollback."""
+
+from __future__ import annotations
+
+import click
+
+from qemuca import profile
+from qemuca.cli.options import passphrase_file_option, passphrase_source
+from qemuca.cli.output import json_option
+from qemuca.cli.remote import (host_selection, parallel_option, render_reports, run_with_progress,
+                               select_hosts, ssh_options)
+from qemuca.deploy import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF
+
+
+def host_layout_options(func):
+    options = [
+        click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True,
+                     help="Where QEMU reads its credentials on the hosts (created 0755)."),
+        click.option("--group", help="Group owning the files [default: qemu.conf's 'group', "
+                                     "else whichever of qemu / libvirt-qemu exists on the host]."),
+        click.option("--no-qemu-conf", is_flag=True, help="Leave qemu.conf alone."),
+        click.option("--qemu-conf", "qemu_conf_path", default=DEFAULT_QEMU_CONF, show_default=True,
+                     help="libvirt's QEMU driver configuration on the hosts."),
+        click.option("--force-tls/--no-force-tls", default=None,
+                     help="Set migrate_tls_force = 1 (libvirt >= 6.9 then REFUSES every "
+                          "unencrypted migration) or 0 [default: leave it]."),
+        click.option("--default-dir", is_flag=True,
+                     help="Also set default_tls_x509_cert_dir to the cert dir."),
+        click.option("--restart", is_flag=True,
+                     help="Restart virtqemud (or libvirtd) when qemu.conf changed. Running VMs "
+                          "keep running; without it the change applies at the next restart."),
+        click.option("--force", is_flag=True,
+                     help="Replace layout files qemuca did not write (kept for rollback)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
+                    restart, force, dry_run=False):
+    from qemuca.deploy import DeployOptions
+
+    opts = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=not no_qemu_conf,
+                         qemu_conf_path=qemu_conf_path, force_tls=force_tls,
+                         default_dir=default_dir, restart=restart, dry_run=dry_run, force=force)
+    opts.tls_settings()  # validate --cert-dir before any connection
+    return opts
+
+
+def _connector(ssh):
+    from qemuca import transport
+
+    config = transport.load_ssh_config(ssh.ssh_config)
+    return lambda host: transport.connect(host, ssh, config)
+
+
+@click.command("deploy")
+@host_selection
+@ssh_options
+@host_layout_options
+@click.option("--issue", "issue_missing", is_flag=True,
+              help="Issue a certificate (key made here) for hosts that have none.")
+@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_HOST_KEY_TYPE,
+              show_default=True, help="Key type for --issue.")
+@click.option("--dry-run", is_flag=True,
+              help="Connect and show per host what would change (files, modes, qemu.conf diff); "
+                   "write nothing anywhere.")
+@parallel_option
+@passphrase_file_option
+@json_option
+@click.pass_obj
+def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls,
+               default_dir, restart, force, issue_missing, key_type, dry_run, parallel,
+               passphrase_file, as_json):
+    """Put each host's QEMU credentials and qemu.conf TLS settings in place over SSH.
+
+    Per host, over one SSH connection: ca-cert.pem, server-cert.pem, client-cert.pem
+    (0644) and server-key.pem, client-key.pem (0640), owner root, group QEMU's, plus
+    ca-crl.pem when the CA has revocations, switched in atomically inside --cert-dir;
+    read back and checked; then migrate_tls_x509_cert_dir and migrate_tls_x509_verify
+    = 1 in qemu.conf (as 'qemuca qemu-conf apply'). On any failure the host keeps its
+    previous set. Deploying what is there already changes nothing. Hosts are checked
+    against known_hosts like OpenSSH does (unknown keys refused).
+
+    Exit 0 when every host succeeded, 1 when any failed (see the table or --json:
+    one object per host with host, result, fingerprint_sha256, restart_needed, error).
+    """
+    from qemuca import ca
+    from qemuca.deploy import HostReport, deploy_host, run_on_host
+    from qemuca.errors import QemucaError
+
+    opts = _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
+                           restart, force, dry_run)
+    hosts = select_hosts(app, selection)
+    store = app.store()
+    authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
+    missing = [h for h in hosts if store.valid_for_host(h) is None]
+    if issue_missing and missing and not dry_run:
+        authority.issue(missing, [], profile.DEFAULT_HOST_DAYS, key_type, force=False)
+    sets, failed = {}, {}
+    for host in hosts:
+        try:
+            sets[host] = ca.credential_set(store, authority, host)
+        except QemucaError as e:
+            failed[host] = HostReport(host, error=str(e) + (" (would be issued by --issue)"
+                                                            if dry_run and issue_missing else ""))
+    connect = _connector(ssh)
+
+    def operation(host):
+        if host in failed:
+            return failed[host]
+        return run_on_host(host, connect, lambda conn, fs: deploy_host(conn, fs, sets[host], opts))
+
+    reports = run_with_progress(hosts, operation, parallel, "deploying", as_json)
+    if not dry_run:
+        store.record_deployments(reports)
+    return render_reports(reports, as_json, "Deploy" + (" (dry run: nothing written)" if dry_run else ""))
+
+
+@click.command("rollback")
+@host_selection
+@ssh_options
+@click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True)
+@parallel_option
+@json_option
+@click.pass_obj
+def rollback_cmd(app, selection, ssh, cert_dir, parallel, as_json):
+    """Switch each host back to the credential set it had before the last deploy.
+
+    The current set becomes the previous one, so a second rollback undoes the first.
+    qemu.conf is not changed.
+    """
+    from qemuca.deploy import rollback_host, run_on_host
+
+    hosts = select_hosts(app, selection)
+    connect = _connector(ssh)
+
+    def work(conn, fs):
+        return rollback_host(conn, fs, cert_dir)
+
+    reports = run_with_progress(hosts, lambda h: run_on_host(h, connect, work), parallel,
+                                "rolling back", as_json)
+    return render_reports(reports, as_json, "Rollback")

@@ -1,0 +1,128 @@
+"""Options shared by the commands that work on hosts over SSH, and their fleet output."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from qemuca.cli.output import emit_json, print_table
+
+
+def ssh_options(func):
+    """--ssh-config, --known-hosts, --accept-new-host-key, --identity, --connect-timeout."""
+    options = [
+        click.option("--ssh-config", type=click.Path(dir_okay=False),
+                     help="OpenSSH client config [default: ~/.ssh/config]. Host, HostName, Port, "
+                          "User, IdentityFile, ProxyJump, HostKeyAlias, UserKnownHostsFile apply."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False),
+                     help="known_hosts file [default: UserKnownHostsFile, else ~/.ssh/known_hosts]."),
+        click.option("--accept-new-host-key", is_flag=True,
+                     help="Add unknown host keys to known_hosts (like StrictHostKeyChecking="
+                          "accept-new). A changed key is always refused."),
+        click.option("-i", "--identity", type=click.Path(dir_okay=False),
+                     help="Private key to log in with (besides ssh-agent and IdentityFile)."),
+        click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=None,
+                     help="Seconds to wait for a connection [default: ConnectTimeout, else 10]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, ssh_config, known_hosts, accept_new_host_key, identity, connect_timeout, **kw):
+        from qemuca.transport import SshOptions
+
+        kw["ssh"] = SshOptions(ssh_config=ssh_config, known_hosts=known_hosts,
+                               accept_new_host_key=accept_new_host_key, identity_file=identity,
+                               connect_timeout=connect_timeout)
+        return func(*args, **kw)
+
+    return wrapper
+
+
+def host_selection(func):
+    """HOST... plus --hosts-file, --inventory/--limit and --all (every host in the index)."""
+    options = [
+        click.argument("hosts", nargs=-1),
+        click.option("--hosts-file", type=click.Path(dir_okay=False),
+                     help="Read host names from FILE, one per line (# comments)."),
+        click.option("--inventory", type=click.Path(dir_okay=False),
+                     help="Ansible inventory (INI or YAML) to take hosts from."),
+        click.option("--limit", metavar="PATTERN",
+                     help="With --inventory: a group or host (comma-separated list allowed)."),
+        click.option("--all", "all_hosts", is_flag=True,
+                     help="Every host with a valid certificate in the index."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, hosts, hosts_file, inventory, limit, all_hosts, **kw):
+        kw["selection"] = (tuple(hosts), hosts_file, inventory, limit, all_hosts)
+        return func(*args, **kw)
+
+    return wrapper
+
+
+def select_hosts(app, selection):
+    """The host names a command works on, normalised, de-duplicated, in order."""
+    from qemuca.errors import InvalidInput
+    from qemuca.hostlist import read_hosts_file, read_inventory
+    from qemuca.names import host_name
+
+    hosts, hosts_file, inventory, limit, all_hosts = selection
+    names = list(hosts)
+    if hosts_file:
+        names += read_hosts_file(hosts_file)
+    if inventory:
+        names += [h.name for h in read_inventory(inventory, limit)]
+    elif limit:
+        raise InvalidInput("--limit goes with --inventory")
+    if all_hosts:
+        names += [r.host for r in app.store().certificates("status = 'valid'")]
+    if not names:
+        raise InvalidInput("no host given (HOST..., --hosts-file, --inventory or --all)")
+    out = []
+    for name in names:
+        name = host_name(name)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def parallel_option(func):
+    return click.option("--parallel", type=click.IntRange(1, 256), default=10, show_default=True,
+                        help="Hosts worked on at once.")(func)
+
+
+def run_with_progress(hosts, operation, parallel, label, quiet):
+    """Run `operation` over hosts with a rich progress bar on stderr (unless quiet)."""
+    from qemuca.fleet import run_fleet
+
+    if quiet:
+        return run_fleet(hosts, operation, parallel)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from qemuca.cli.output import console
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console(stderr=True), transient=True) as progress:
+        task = progress.add_task(label, total=len(hosts))
+        return run_fleet(hosts, operation, parallel, lambda _h, _r: progress.advance(task))
+
+
+def render_reports(reports, as_json, title):
+    """The final table (or JSON array); exit code 1 when any host failed."""
+    if as_json:
+        emit_json([r.as_dict() for r in reports])
+    else:
+        print_table(title, ["host", "result", "fingerprint (SHA-256)", "restart needed", "error"],
+                    [(r.host, r.result, (r.fingerprint_sha256 or "")[:16],
+                      "yes" if r.restart_needed else ("done: " + r.restarted if r.restarted else "no"),
+                      r.error or "") for r in reports])
+        for r in reports:
+            if r.qemu_conf_diff and r.result == "would-change":
+                click.echo(f"--- {r.host}: qemu.conf\n{r.qemu_conf_diff}")
+            for action in r.actions if r.result == "would-change" else ():
+                click.echo(f"{r.host}: would {action}")
+    return 1 if any(r.result == "failed" for r in reports) else 0

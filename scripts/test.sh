@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-test-deps.sh
+./scripts/fetch-stock-qemu-conf.sh
 ./scripts/setup-venv.sh test
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

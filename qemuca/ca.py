@@ -7,6 +7,7 @@ action really needs it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -145,8 +146,11 @@ class CertificateAuthority:
         self._key = None
         try:
             self.cert = x509.load_pem_x509_certificate(store.fs.read_bytes(store.ca_cert_path))
-        except (OSError, ValueError) as e:
-            raise StoreError(f"CA certificate {store.ca_cert_path} is unreadable: {e}") from None
+        except OSError as e:
+            raise StoreError(f"CA certificate {store.ca_cert_path} is unreadable: {e.strerror}") from None
+        except ValueError:
+            raise StoreError(f"CA certificate {store.ca_cert_path} is corrupt (not a PEM certificate)"
+                             ) from None
         self.fingerprint = fingerprint(self.cert)
 
     @property
@@ -213,7 +217,8 @@ class CertificateAuthority:
             cert = profile.build_host_certificate(self.cert, ca_key, name, extra, key.public_key(), days)
             new.append(NewCert(self._record(cert, name, "generated", key_type), key_pem(key)))
         replaced = self.store.add_certificates(new, force=force, action="issue")
-        return [Issued(n.record, r) for n, r in zip(new, replaced)]
+        # The records as the index holds them, `replaces` included.
+        return [Issued(dataclasses.replace(n.record, replaces=r), r) for n, r in zip(new, replaced)]
 
     def sign(self, csr_data: bytes, host: Optional[str], sans: Sequence[str], days: int,
              force: bool) -> Issued:
@@ -232,7 +237,7 @@ class CertificateAuthority:
         key_type = _key_type_name(public)
         new = NewCert(self._record(cert, name, "csr", key_type), None)
         (replaced,) = self.store.add_certificates([new], force=force, action="sign")
-        return Issued(new.record, replaced)
+        return Issued(dataclasses.replace(new.record, replaces=replaced), replaced)
 
     def _record(self, cert, host, key_source, key_type) -> CertRecord:
         return CertRecord(

@@ -98,12 +98,14 @@ def _extension_text(ext: x509.Extension) -> str:
 
 def describe_pem(data: bytes, source: str, now: Optional[dt.datetime] = None) -> List[dict]:
     """One description per PEM block: certificates, CSRs, CRLs and keys."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     out = []
     for label, block in read_pem_blocks(data, source):
         try:
             out.append(_describe_block(label, block, now))
-        except ValueError:
-            raise InvalidInput(f"{source} holds a corrupt {label.lower()}") from None
+        except (ValueError, UnsupportedAlgorithm):
+            raise InvalidInput(f"{source} holds a corrupt or unsupported {label.lower()}") from None
     return out
 
 
@@ -126,6 +128,12 @@ def _describe_block(label: str, block: bytes, now) -> dict:
     if label.endswith("PRIVATE KEY"):
         if "ENCRYPTED" in label:
             return {"kind": "private-key", "key": "encrypted"}
-        key = serialization.load_pem_private_key(block, password=None)
+        try:
+            key = serialization.load_pem_private_key(block, password=None)
+        except TypeError:  # a traditional key with a Proc-Type: 4,ENCRYPTED header
+            return {"kind": "private-key", "key": "encrypted"}
         return {"kind": "private-key", "key": profile.describe_key(key.public_key())}
-    return {"kind": label.lower()}
+    if label == "DH PARAMETERS":  # QEMU's optional dh-params.pem
+        return {"kind": "dh-parameters"}
+    raise InvalidInput(f"a '{label}' PEM block is not something qemuca inspects "
+                       "(certificates, CSRs, CRLs, keys)")

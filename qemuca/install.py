@@ -217,12 +217,17 @@ def _write_set(target: CertDir, set_id: str, files: Dict[str, bytes], modes: Mod
 
 
 def _adopt(target: CertDir, names: List[str], stamp: str) -> str:
-    """Keep foreign files (copied with their modes) as a set, so rollback restores them."""
+    """Keep what QEMU reads now (copied with modes) as a set, so rollback restores it.
+
+    Every layout name is copied, not only the foreign `names`: a dir mixing foreign
+    files with qemuca's links must roll back to that whole mix, not to the foreign
+    files alone (rollback removes the names a set does not hold).
+    """
     fs = target.fs
     set_id = "adopted-" + stamp.replace(":", "").replace("-", "")
     directory = posixpath.join(target.sets, set_id)
     fs.makedirs(directory, 0o755)
-    for name in names:
+    for name in ALL_FILES:
         path = posixpath.join(target.path, name)
         st = fs.stat(path)
         if st is None or not st.is_file:

@@ -33,6 +33,7 @@ DEFAULT_HOST_DAYS = 730
 CLOCK_SKEW = dt.timedelta(minutes=5)
 MIN_RSA_BITS = 2048
 ALLOWED_CURVES = ("secp256r1", "secp384r1")
+MAX_CN = 64
 
 
 def utcnow() -> dt.datetime:
@@ -134,6 +135,11 @@ def build_host_certificate(ca_cert: x509.Certificate, ca_key, host: str, sans: S
     now = now or utcnow()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    if len(host) > MAX_CN:
+        # RFC 5280 caps a CN at 64 characters, and QEMU refuses a peer whose subject DN is
+        # empty ("Cannot get client distinguished name"): CN=HOST must fit.
+        raise InvalidInput(f"host name '{host}' is longer than {MAX_CN} characters, the limit "
+                           "of a certificate's CN")
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))

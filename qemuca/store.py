@@ -61,6 +61,15 @@ CREATE TABLE IF NOT EXISTS audit (
     user TEXT NOT NULL,
     pid INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    host TEXT NOT NULL,
+    fingerprint_sha256 TEXT,
+    at TEXT NOT NULL,
+    result TEXT NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS deployments_host ON deployments(host, id);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -153,8 +162,14 @@ class Store:
     def open(cls, home: str) -> "Store":
         """An existing store; NotFound when no CA was initialised there."""
         store = cls(home)
-        if not os.path.exists(store.ca_cert_path) or not os.path.exists(store.index_path):
+        cert, index = os.path.exists(store.ca_cert_path), os.path.exists(store.index_path)
+        if not cert and not index:
             raise NotFound(f"no QEMU CA in {store.home} (run 'qemuca init', or set --home / QEMUCA_HOME)")
+        if not cert or not index:
+            # Half a store is damage, not absence: 'init' would set the other half aside.
+            missing = store.ca_cert_path if not cert else store.index_path
+            raise StoreError(f"the CA store {store.home} is damaged: {missing} is missing "
+                             "(restore it from a backup)")
         store._check_key_mode()
         return store
 
@@ -173,6 +188,10 @@ class Store:
     def db(self) -> sqlite3.Connection:
         if self._db is None:
             try:
+                if not os.path.exists(self.index_path):
+                    # The index holds host keys: create it 0600 (SQLite gives its -wal and
+                    # -shm files the database file's mode).
+                    os.close(os.open(self.index_path, os.O_WRONLY | os.O_CREAT, 0o600))
                 db = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
@@ -283,8 +302,7 @@ class Store:
 
     def find(self, host_or_serial: str) -> CertRecord:
         """The host's current certificate, else the certificate with that serial."""
-        rec = self.valid_for_host(host_or_serial.lower()) or self.by_serial(host_or_serial.lower()
-                                                                              .replace(":", ""))
+        rec = self.valid_for_host(host_or_serial.lower()) or self.by_serial(_serial_key(host_or_serial))
         if rec is None:
             latest = self.certificates("host = ?", (host_or_serial.lower(),))
             if latest:
@@ -308,6 +326,22 @@ class Store:
             self.audit(db, "revoke", row[1], serial=serial, reason=reason)
         return self.by_serial(serial)
 
+    def record_deployments(self, reports) -> None:
+        """One row per host and deploy run (reports carry host, result, fingerprint, error)."""
+        at = iso(dt.datetime.now(dt.timezone.utc))
+        with self.write() as db:
+            for r in reports:
+                db.execute("INSERT INTO deployments (host, fingerprint_sha256, at, result, error) "
+                           "VALUES (?,?,?,?,?)", (r.host, r.fingerprint_sha256, at, r.result, r.error))
+                self.audit(db, "deploy", r.host, result=r.result, fingerprint_sha256=r.fingerprint_sha256)
+
+    def deployed(self) -> dict:
+        """host -> (fingerprint, time) of its last successful deployment."""
+        rows = self.read("SELECT host, fingerprint_sha256, at FROM deployments WHERE id IN "
+                         "(SELECT MAX(id) FROM deployments WHERE result IN ('changed', 'unchanged') "
+                         "GROUP BY host)")
+        return {host: (fp, at) for host, fp, at in rows}
+
     def revoked(self) -> List[CertRecord]:
         return self.certificates("status = 'revoked'")
 
@@ -316,6 +350,18 @@ class Store:
         number = int(row[0]) + 1 if row else 1
         db.execute("INSERT OR REPLACE INTO meta VALUES ('crl_number', ?)", (str(number),))
         return number
+
+
+def _serial_key(text: str) -> str:
+    """A serial as the index spells it: lower-case hex without colons or leading zeros
+    (openssl prints serials zero-padded to whole bytes, e.g. 0A:B7:...)."""
+    digits = text.strip().lower().replace(":", "")
+    if digits.startswith("0x"):
+        digits = digits[2:]
+    try:
+        return format(int(digits, 16), "x") if digits else digits
+    except ValueError:
+        return digits
 
 
 def _statements(script: str) -> List[str]:

@@ -67,9 +67,16 @@ def _to_alabel(name: str, original: str) -> str:
     import idna  # IDNA 2008 + UTS 46: rejects disallowed code points and confusable mixes
 
     try:
-        return idna.encode(name, uts46=True, std3_rules=True).decode("ascii")
+        alabel = idna.encode(name, uts46=True, std3_rules=True).decode("ascii")
+        back = idna.decode(alabel)
     except (idna.IDNAError, UnicodeError) as e:
         raise InvalidInput(f"invalid host name '{_shown(original)}': {e}") from None
+    # UTS 46 mapping silently drops invisible characters (zero-width space, soft
+    # hyphen): a name that does not survive the round trip is not what was typed.
+    if back != name.lower():
+        raise InvalidInput(f"invalid host name '{_shown(original)}': it holds invisible or "
+                           f"mapped characters (it would become '{back}')")
+    return alabel
 
 
 def _is_ip(value: str) -> bool:

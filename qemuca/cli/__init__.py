@@ -30,6 +30,7 @@ COMMANDS = {
     "qemu-conf": ("qemuca.cli.qemu_conf", "qemu_conf_group", "Edit libvirt's qemu.conf TLS settings."),
     "deploy": ("qemuca.cli.deploy_cmds", "deploy_cmd", "Deploy credentials and qemu.conf to hosts over SSH."),
     "rollback": ("qemuca.cli.deploy_cmds", "rollback_cmd", "Switch hosts back to their previous credentials."),
+    "verify": ("qemuca.cli.verify_cmd", "verify_cmd", "Check hosts' QEMU TLS set-up, or a migration pair."),
 }
 
 _debug = False
@@ -105,9 +106,11 @@ def main(argv=None):
         _fail(" ".join(str(e).split("\n")), e.exit_code)
     except click.exceptions.Abort:
         _fail("aborted", errors.EXIT_INTERRUPTED)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _fail(" ".join(e.format_message().split()) + hint, e.exit_code)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        _fail(" ".join(e.format_message().split()), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", errors.EXIT_INTERRUPTED)
     except OSError as e:

@@ -42,7 +42,10 @@ def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no
     from qemuca.errors import InvalidInput, PassphraseError
 
     if no_passphrase and passphrase_file:
-        raise InvalidInput("--no-passphrase and --passphrase-file exclude each other")
+        source = click.get_current_context().get_parameter_source("passphrase_file")
+        if source != click.core.ParameterSource.ENVIRONMENT:
+            raise InvalidInput("--no-passphrase and --passphrase-file exclude each other")
+        passphrase_file = None  # an explicit --no-passphrase wins over QEMUCA_PASSPHRASE_FILE
     passphrase = None
     if passphrase_file:
         passphrase = ca.read_passphrase_file(passphrase_file)

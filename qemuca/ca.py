@@ -223,6 +223,15 @@ class CertificateAuthority:
     def sign(self, csr_data: bytes, host: Optional[str], sans: Sequence[str], days: int,
              force: bool) -> Issued:
         """Sign a CSR made on the host; the profile, not the CSR, decides the extensions."""
+        new = self.certify(csr_data, host, sans, days)
+        return self.record(new, force, "sign")
+
+    def record(self, new: NewCert, force: bool, action: str) -> Issued:
+        (replaced,) = self.store.add_certificates([new], force=force, action=action)
+        return Issued(dataclasses.replace(new.record, replaces=replaced), replaced)
+
+    def certify(self, csr_data: bytes, host: Optional[str], sans: Sequence[str], days: int) -> NewCert:
+        """A certificate for a CSR, not yet recorded (enroll records it once deployed)."""
         csr = load_csr(csr_data)
         if host is None:
             cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
@@ -234,10 +243,7 @@ class CertificateAuthority:
         _check_days(days)
         public = csr.public_key()
         cert = profile.build_host_certificate(self.cert, self.key, name, extra, public, days)
-        key_type = _key_type_name(public)
-        new = NewCert(self._record(cert, name, "csr", key_type), None)
-        (replaced,) = self.store.add_certificates([new], force=force, action="sign")
-        return Issued(dataclasses.replace(new.record, replaces=replaced), replaced)
+        return NewCert(self._record(cert, name, "csr", _key_type_name(public)), None)
 
     def _record(self, cert, host, key_source, key_type) -> CertRecord:
         return CertRecord(

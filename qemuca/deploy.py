@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 from cryptography import x509
 
 from qemuca import install, qemuconf
-from qemuca.errors import InvalidInput, NotFound, QemucaError, RemoteError
+from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.layout import CA_BUNDLE, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
 
 DEFAULT_CERT_DIR = "/etc/pki/qemu"
@@ -81,22 +81,32 @@ def resolve_group(conn, doc: Optional[qemuconf.Document], wanted: Optional[str])
                    "is libvirt's QEMU driver installed? Give --group")
 
 
-def check_landed(fs, cert_dir: str, creds: CredentialSet) -> None:
-    """Read the files back through their names: our certificate, chained to the CA, with its key."""
-    cert = x509.load_pem_x509_certificate(fs.read_bytes(posixpath.join(cert_dir, SERVER_CERT)))
+def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
+    """Read the files back through their names: our certificate, chained to the CA, with its key.
+
+    A key made on the host is compared there (public key out of `openssl pkey`), so
+    it never travels.
+    """
+    from cryptography.hazmat.primitives import serialization
+
     from qemuca.ca import fingerprint
 
+    cert = x509.load_pem_x509_certificate(fs.read_bytes(posixpath.join(cert_dir, SERVER_CERT)))
     if fingerprint(cert) != creds.fingerprint_sha256:
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} is not the certificate deployed")
     bundle = x509.load_pem_x509_certificates(fs.read_bytes(posixpath.join(cert_dir, CA_BUNDLE)))
     if not any(_issued_by(cert, ca) for ca in bundle):
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} does not chain to {CA_BUNDLE}")
+    key_path = posixpath.join(cert_dir, SERVER_KEY)
     if SERVER_KEY in creds.files:
-        from cryptography.hazmat.primitives import serialization
-
-        key = serialization.load_pem_private_key(fs.read_bytes(posixpath.join(cert_dir, SERVER_KEY)), None)
-        if key.public_key().public_numbers() != cert.public_key().public_numbers():
-            raise install.InstallError(f"{cert_dir}/{SERVER_KEY} does not match the certificate")
+        public = serialization.load_pem_private_key(fs.read_bytes(key_path), None).public_key()
+        matches = public.public_numbers() == cert.public_key().public_numbers()
+    else:
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        out = conn.run(["openssl", "pkey", "-in", key_path, "-pubout", "-outform", "DER"], check=True)
+        matches = out.stdout == cert.public_key().public_bytes(serialization.Encoding.DER, spki)
+    if not matches:
+        raise install.InstallError(f"{cert_dir}/{SERVER_KEY} does not match the certificate")
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
@@ -118,10 +128,8 @@ def restart_daemon(conn) -> str:
     raise RemoteError(f"{conn.name}: neither virtqemud nor libvirtd is installed")
 
 
-def deploy_host(conn, fs, creds: CredentialSet, opts: DeployOptions) -> HostReport:
-    """Deploy to one connected host; raises QemucaError on failure (nothing half-done)."""
-    report = HostReport(creds.host, fingerprint_sha256=creds.fingerprint_sha256)
-    settings = opts.tls_settings() if opts.qemu_conf else None
+def _host_modes(conn, fs, opts: DeployOptions):
+    """qemu.conf as it is (None when absent and not needed) and the modes for this host."""
     doc = None
     try:
         doc = qemuconf.read_document(fs, opts.qemu_conf_path)
@@ -129,31 +137,52 @@ def deploy_host(conn, fs, creds: CredentialSet, opts: DeployOptions) -> HostRepo
         if opts.group is None and opts.qemu_conf:
             raise NotFound(f"{conn.name}: {opts.qemu_conf_path} does not exist: is libvirt "
                            "installed? (--no-qemu-conf to deploy certificates only)") from None
-    modes = host_modes(resolve_group(conn, doc, opts.group))
+    return host_modes(resolve_group(conn, doc, opts.group))
 
+
+def deploy_host(conn, fs, creds: CredentialSet, opts: DeployOptions) -> HostReport:
+    """Deploy to one connected host; raises QemucaError on failure (nothing half-done)."""
+    modes = _host_modes(conn, fs, opts)
     if opts.dry_run:
-        plan = install.plan(fs, opts.cert_dir, creds, modes)
-        report.actions = plan.actions + [f"keep {n} (foreign file, replaced with --force)" for n in plan.adopted]
-        changed = plan.changed
-        if settings is not None:
-            edit = qemuconf.edit_file(fs, opts.qemu_conf_path,
-                                      lambda d: qemuconf.apply_tls(d, settings), dry_run=True)
-            if edit.changed:
-                report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
-                report.restart_needed = changed = True
-        report.result = "would-change" if changed else "unchanged"
-        return report
+        return _dry_run(fs, creds, opts, modes)
+    return _switch_in(conn, fs, creds, opts, modes)
 
+
+def _dry_run(fs, creds: CredentialSet, opts: DeployOptions, modes) -> HostReport:
+    report = HostReport(creds.host, fingerprint_sha256=creds.fingerprint_sha256)
+    plan = install.plan(fs, opts.cert_dir, creds, modes)
+    report.actions = plan.actions + [f"replace {n} (not written by qemuca; kept for rollback)"
+                                     for n in plan.adopted]
+    changed = plan.changed
+    if opts.qemu_conf:
+        settings = opts.tls_settings()
+        edit = qemuconf.edit_file(fs, opts.qemu_conf_path,
+                                  lambda d: qemuconf.apply_tls(d, settings), dry_run=True)
+        if edit.changed:
+            report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
+            report.restart_needed = changed = True
+    report.result = "would-change" if changed else "unchanged"
+    return report
+
+
+def _switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, modes,
+               then: Optional[Callable[[], None]] = None) -> HostReport:
+    """Install the set, check it, update qemu.conf, run `then`; any failure after the
+    switch switches the host back to its previous set."""
+    report = HostReport(creds.host, fingerprint_sha256=creds.fingerprint_sha256)
     placed = install.install(fs, opts.cert_dir, creds, modes, force=opts.force)
     try:
-        check_landed(fs, opts.cert_dir, creds)
+        check_landed(conn, fs, opts.cert_dir, creds)
         report.actions += placed.actions
-        if settings is not None:
+        if opts.qemu_conf:
+            settings = opts.tls_settings()
             edit = qemuconf.edit_file(fs, opts.qemu_conf_path, lambda d: qemuconf.apply_tls(d, settings))
             if edit.written:
                 report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
                 report.actions.append(f"updated {edit.path} (backup {edit.backup})")
                 report.restart_needed = True
+        if then is not None:
+            then()
         conn.run(["sync"])
     except BaseException:
         if placed.changed and placed.previous_id:
@@ -167,6 +196,53 @@ def deploy_host(conn, fs, creds: CredentialSet, opts: DeployOptions) -> HostRepo
         report.restart_needed = False
     report.result = "changed" if placed.changed or report.qemu_conf_diff else "unchanged"
     return report
+
+
+# openssl genpkey arguments per key type, for keys made on the host.
+GENPKEY = {
+    "ecdsa-p256": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                   "-pkeyopt", "ec_param_enc:named_curve"],
+    "ecdsa-p384": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384",
+                   "-pkeyopt", "ec_param_enc:named_curve"],
+    "rsa2048": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    "rsa3072": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"],
+    "rsa4096": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:4096"],
+}
+
+
+def key_and_csr_on_host(conn, directory: str, host: str, key_type: str):
+    """Make a key in `directory` (0700) with the host's openssl; return its path and a CSR."""
+    if not conn.run(["openssl", "version"]).ok:
+        raise RemoteError(f"{conn.name}: openssl is not installed (it makes the key on the host)")
+    key = posixpath.join(directory, SERVER_KEY)
+    conn.run(["openssl", "genpkey", *GENPKEY[key_type], "-out", key], check=True)
+    csr = conn.run(["openssl", "req", "-new", "-key", key, "-subj", f"/CN={host}", "-outform", "PEM"],
+                   check=True)
+    return key, csr.stdout
+
+
+def enroll_host(conn, fs, authority, host: str, opts: DeployOptions, key_type: str,
+                sans, days: int, force: bool) -> HostReport:
+    """Key made on the host, CSR signed here, set switched in; the key never travels.
+
+    The certificate is recorded in the index only once it is in place and checked;
+    if recording fails the host goes back to its previous set.
+    """
+    if not force and authority.store.valid_for_host(host) is not None:
+        raise Conflict(f"{host} already has a valid certificate: use --replace to enroll it anew")
+    modes = _host_modes(conn, fs, opts)
+    staging = install.make_staging(fs, opts.cert_dir, modes)
+    try:
+        key_path, csr = key_and_csr_on_host(conn, staging, host, key_type)
+        new = authority.certify(csr, host, sans, days)
+        creds = CredentialSet.build(host, new.record.fingerprint_sha256, authority.bundle(),
+                                    new.record.cert_pem.encode(), None, authority.crl_pem(),
+                                    key_on_host=key_path)
+        return _switch_in(conn, fs, creds, opts, modes,
+                          then=lambda: authority.record(new, force, "enroll"))
+    finally:
+        if fs.stat(staging, follow=False) is not None:
+            fs.rmtree(staging)
 
 
 def rollback_host(conn, fs, cert_dir: str) -> HostReport:
@@ -193,3 +269,5 @@ def run_on_host(host: str, connect: Callable, work: Callable) -> HostReport:
         return HostReport(host, error=f"{host}: {e.strerror or e}{where}")
     except (ValueError, InvalidInput) as e:
         return HostReport(host, error=f"{host}: {e}")
+    except Exception as e:  # e.g. paramiko.SFTPError: this host fails, the fleet goes on
+        return HostReport(host, error=f"{host}: {type(e).__name__}: {e}")

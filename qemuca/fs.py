@@ -74,6 +74,14 @@ class FS:
         """Point `path` at `target`, replacing whatever link was there in one rename."""
         raise NotImplementedError
 
+    def rename(self, source: str, target: str) -> None:
+        """Move within the place, replacing `target` atomically."""
+        raise NotImplementedError
+
+    def copy(self, source: str, target: str) -> None:
+        """Copy a file within the place, keeping mode and owner; the bytes never leave it."""
+        raise NotImplementedError
+
     def remove(self, path: str) -> None:
         raise NotImplementedError
 
@@ -155,6 +163,17 @@ class LocalFS(FS):
             os.unlink(tmp)
             raise
         _fsync_dir(os.path.dirname(path) or ".")
+
+    def rename(self, source, target):
+        os.rename(source, target)
+        _fsync_dir(os.path.dirname(target) or ".")
+
+    def copy(self, source, target):
+        import shutil
+
+        st = os.stat(source)
+        shutil.copy2(source, target)
+        os.chown(target, st.st_uid, st.st_gid)
 
     def remove(self, path):
         os.unlink(path)

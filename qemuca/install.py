@@ -3,7 +3,8 @@
 Layout inside the cert dir (every path stays inside it, as Debian's AppArmor
 profile for QEMU only allows reads under /etc/pki/qemu/**):
 
-    .qemuca/sets/<id>/...       one directory per credential set, files with final modes
+    .qemuca/sets/<id>/...       one directory per credential set, files with final modes;
+                                client-*.pem are links to server-*.pem inside it
     .qemuca/sets/<id>/manifest.json
     .qemuca/current -> sets/<id>          the set QEMU uses
     .qemuca/previous -> sets/<old id>     kept for rollback
@@ -20,18 +21,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import posixpath
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from qemuca.errors import Conflict, NotFound, QemucaError
 from qemuca.fs import FS
-from qemuca.layout import ALL_FILES, CredentialSet, Modes
+from qemuca.layout import ALL_FILES, CLIENT_LINKS, KEY_FILES, SERVER_KEY, CredentialSet, Modes
 
 STATE_DIR = ".qemuca"
 SETS = "sets"
 CURRENT = "current"
 PREVIOUS = "previous"
 MANIFEST = "manifest.json"
+STAGING_PREFIX = "staging-"  # sets/staging-*: where enroll makes a key on the host
 
 
 class InstallError(QemucaError):
@@ -88,23 +91,35 @@ class CertDir:
                 foreign.append(name)
         return foreign
 
-    def set_files(self, set_id: str) -> Dict[str, bytes]:
-        """The layout files of a stored set."""
+    def set_names(self, set_id: str) -> List[str]:
+        """The layout names a stored set holds (files or in-set links)."""
+        return [n for n in self.fs.listdir(posixpath.join(self.sets, set_id)) if n in ALL_FILES]
+
+    def set_files(self, set_id: str, keys: bool = True) -> Dict[str, bytes]:
+        """The bytes of a stored set's names (keys left out unless asked: they may be
+        keys that were made on the host and must not travel)."""
         directory = posixpath.join(self.sets, set_id)
-        names = self.fs.listdir(directory)
-        return {n: self.fs.read_bytes(posixpath.join(directory, n)) for n in names if n in ALL_FILES}
+        return {n: self.fs.read_bytes(posixpath.join(directory, n)) for n in self.set_names(set_id)
+                if keys or n not in KEY_FILES}
 
     def set_intact(self, creds: CredentialSet, modes: Modes) -> bool:
+        """The stored set is exactly `creds`: files, in-set links, modes and owners."""
         directory = posixpath.join(self.sets, creds.set_id)
-        for name, data in creds.files.items():
+        if self.fs.stat(directory) is None or set(self.set_names(creds.set_id)) != set(creds.names):
+            return False
+        for name in creds.names:
             path = posixpath.join(directory, name)
             st = self.fs.stat(path, follow=False)
+            if name in CLIENT_LINKS:
+                if st is None or not st.is_link or self.fs.readlink(path) != CLIENT_LINKS[name]:
+                    return False
+                continue
             if st is None or not st.is_file or st.perms != modes.of(name):
                 return False
             if (modes.uid is not None and st.uid != modes.uid) or \
                     (modes.gid is not None and st.gid != modes.gid):
                 return False
-            if _sha(self.fs.read_bytes(path)) != _sha(data):
+            if name in creds.files and _sha(self.fs.read_bytes(path)) != _sha(creds.files[name]):
                 return False
         return True
 
@@ -112,116 +127,149 @@ class CertDir:
         for name in ALL_FILES:
             path = posixpath.join(self.path, name)
             st = self.fs.stat(path, follow=False)
-            wanted = name in names
             present = st is not None and st.is_link and self.fs.readlink(path) == link_target(name)
-            if wanted != present or (not wanted and st is not None):
+            if (name in names) != present or (name not in names and st is not None):
                 return False
         return True
 
-    def read_through_links(self) -> Dict[str, bytes]:
-        out = {}
+    def landed_as(self, creds: CredentialSet) -> bool:
+        """Every name of the set resolves, with the expected bytes where they are known."""
         for name in ALL_FILES:
             path = posixpath.join(self.path, name)
-            if self.fs.stat(path) is not None:
-                out[name] = self.fs.read_bytes(path)
-        return out
+            if (self.fs.stat(path) is not None) != (name in creds.names):
+                return False
+            if name in creds.files and _sha(self.fs.read_bytes(path)) != _sha(creds.files[name]):
+                return False
+        return True
+
+
+def _unchanged(target: CertDir, creds: CredentialSet, modes: Modes) -> bool:
+    return (target.current_id() == creds.set_id and target.links_match(creds.names)
+            and target.set_intact(creds, modes))
 
 
 def plan(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes) -> InstallResult:
     """What install would do, without writing anything (for --dry-run)."""
     target = CertDir(fs, cert_dir)
     result = InstallResult(changed=False, set_id=creds.set_id)
-    if fs.stat(cert_dir) is None:
+    exists = fs.stat(cert_dir) is not None
+    if not exists:
         result.actions.append(f"create {cert_dir} (mode {modes.directory:04o})")
-    elif target.current_id() == creds.set_id and target.links_match(creds.files) \
-            and target.set_intact(creds, modes):
+    elif _unchanged(target, creds, modes):
         return result
     result.changed = True
-    result.previous_id = target.current_id() if fs.stat(cert_dir) else None
-    if fs.stat(cert_dir):
-        result.adopted = target.foreign_names()
-    current = {}
+    result.previous_id = target.current_id() if exists else None
+    result.adopted = target.foreign_names() if exists else []
+    current: Dict[str, bytes] = {}
     if result.previous_id:
         try:
-            current = target.set_files(result.previous_id)
+            current = target.set_files(result.previous_id, keys=creds.key_on_host is None)
         except OSError:
             current = {}
-    for name, data in sorted(creds.files.items()):
-        if name not in current:
+    for name in sorted(creds.names):
+        if name not in creds.files:
+            verb = "add (made on the host)"
+        elif name not in current:
             verb = "add"
-        elif _sha(current[name]) != _sha(data):
+        elif _sha(current[name]) != _sha(creds.files[name]):
             verb = "replace"
         else:
             verb = "keep"
         result.actions.append(f"{verb} {name} (mode {modes.of(name):04o})")
-    for name in sorted(set(current) - set(creds.files)):
+    for name in sorted(set(current) - set(creds.names)):
         result.actions.append(f"remove {name}")
     return result
+
+
+def prepare(fs: FS, cert_dir: str, modes: Modes) -> CertDir:
+    """The cert dir, created when missing."""
+    st = fs.stat(cert_dir)
+    if st is None:
+        fs.makedirs(cert_dir, modes.directory)
+        if modes.uid is not None:
+            fs.chown(cert_dir, modes.uid, 0)
+    elif not st.is_dir:
+        raise Conflict(f"{cert_dir} exists and is not a directory")
+    return CertDir(fs, cert_dir)
+
+
+def make_staging(fs: FS, cert_dir: str, modes: Modes) -> str:
+    """A fresh directory only its owner can enter, inside the cert dir's state, where a
+    key can be made on the host and later moved into its set (same file system)."""
+    target = prepare(fs, cert_dir, modes)
+    fs.makedirs(target.sets, 0o755)
+    path = posixpath.join(target.sets, STAGING_PREFIX + secrets.token_hex(6))
+    fs.makedirs(path, 0o700)
+    fs.chmod(path, 0o700)
+    return path
 
 
 def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bool = False,
             now: Optional[Callable[[], dt.datetime]] = None) -> InstallResult:
     """Stage, read back, switch, read back again; foreign files need `force`."""
-    target = CertDir(fs, cert_dir)
-    if fs.stat(cert_dir) is None:
-        fs.makedirs(cert_dir, modes.directory)
-        if modes.uid is not None:
-            fs.chown(cert_dir, modes.uid, 0)
-    elif not (fs.stat(cert_dir).is_dir):
-        raise Conflict(f"{cert_dir} exists and is not a directory")
+    target = prepare(fs, cert_dir, modes)
     foreign = target.foreign_names()
     if foreign and not force:
         raise Conflict(f"{cert_dir} holds files qemuca did not write ({', '.join(foreign)}); "
                        "use --force to replace them (they are kept for rollback)")
     set_id = creds.set_id
-    old_id = target.current_id()
-    if not foreign and old_id == set_id and target.links_match(creds.files) \
-            and target.set_intact(creds, modes):
+    if not foreign and _unchanged(target, creds, modes):
         return InstallResult(changed=False, set_id=set_id, previous_id=target.previous_id())
+    fs.makedirs(target.sets, 0o755)
 
     stamp = (now or (lambda: dt.datetime.now(dt.timezone.utc)))().strftime("%Y-%m-%dT%H:%M:%SZ")
-    fs.makedirs(target.sets, 0o755)
-    _write_set(target, set_id, creds.files, modes, creds.manifest(stamp))
-    if foreign:
-        old_id = _adopt(target, foreign, stamp)
+    _write_set(target, creds, modes, creds.manifest(stamp))
+    old_id = _adopt(target, stamp) if foreign else target.current_id()
 
     # The switch: `previous` first (harmless alone), then one rename of `current`.
     if old_id and old_id != set_id:
         fs.symlink_atomic(posixpath.join(SETS, old_id), posixpath.join(target.state, PREVIOUS))
     fs.symlink_atomic(posixpath.join(SETS, set_id), posixpath.join(target.state, CURRENT))
-    _sync_links(target, creds.files)
+    _sync_links(target, creds.names)
 
-    landed = target.read_through_links()
-    if {n: _sha(d) for n, d in landed.items()} != {n: _sha(d) for n, d in creds.files.items()}:
-        raise InstallError(f"{cert_dir}: the files read back differ from what was written")
+    if not target.landed_as(creds):
+        if old_id and old_id != set_id:
+            _switch(target, old_id)
+        raise InstallError(f"{cert_dir}: the files read back differ from what was written; "
+                           "the previous set is in use")
     _collect_garbage(target)
     return InstallResult(changed=True, set_id=set_id, previous_id=old_id,
                          adopted=foreign, actions=[f"switched to set {set_id}"])
 
 
-def _write_set(target: CertDir, set_id: str, files: Dict[str, bytes], modes: Modes,
-               manifest: bytes) -> None:
+def _write_set(target: CertDir, creds: CredentialSet, modes: Modes, manifest: bytes) -> None:
     fs = target.fs
-    directory = posixpath.join(target.sets, set_id)
+    directory = posixpath.join(target.sets, creds.set_id)
     fs.makedirs(directory, modes.directory)
     fs.chmod(directory, modes.directory)
-    for name, data in files.items():
+    real = {n: d for n, d in creds.files.items() if n not in CLIENT_LINKS}
+    for name, data in real.items():
         fs.write_atomic(posixpath.join(directory, name), data, modes.of(name), modes.uid, modes.gid)
+    if creds.key_on_host:
+        # Final owner and mode while the key is still in its 0700 staging directory;
+        # only then does it move where others can traverse.
+        if modes.uid is not None and modes.gid is not None:
+            fs.chown(creds.key_on_host, modes.uid, modes.gid)
+        fs.chmod(creds.key_on_host, modes.of(SERVER_KEY))
+        fs.rename(creds.key_on_host, posixpath.join(directory, SERVER_KEY))
+    for name, source in CLIENT_LINKS.items():
+        fs.symlink_atomic(source, posixpath.join(directory, name))
     for name in fs.listdir(directory):
-        if name in ALL_FILES and name not in files:  # leftover of an interrupted attempt
+        if name in ALL_FILES and name not in creds.names:  # leftover of an interrupted attempt
             fs.remove(posixpath.join(directory, name))
     fs.write_atomic(posixpath.join(directory, MANIFEST), manifest, 0o644, modes.uid, modes.gid)
-    for name, data in files.items():
+    for name, data in real.items():
         if _sha(fs.read_bytes(posixpath.join(directory, name))) != _sha(data):
             raise InstallError(f"{directory}/{name} did not read back as written")
 
 
-def _adopt(target: CertDir, names: List[str], stamp: str) -> str:
-    """Keep what QEMU reads now (copied with modes) as a set, so rollback restores it.
+def _adopt(target: CertDir, stamp: str) -> str:
+    """Keep what QEMU reads now (copied on the place, with modes) as a set for rollback.
 
-    Every layout name is copied, not only the foreign `names`: a dir mixing foreign
-    files with qemuca's links must roll back to that whole mix, not to the foreign
-    files alone (rollback removes the names a set does not hold).
+    Every layout name is copied, not only the foreign ones: a dir mixing foreign
+    files with qemuca's links must roll back to that whole mix (rollback removes the
+    names a set does not hold). The copy happens on the place itself, so a key that
+    was there never travels.
     """
     fs = target.fs
     set_id = "adopted-" + stamp.replace(":", "").replace("-", "")
@@ -230,9 +278,8 @@ def _adopt(target: CertDir, names: List[str], stamp: str) -> str:
     for name in ALL_FILES:
         path = posixpath.join(target.path, name)
         st = fs.stat(path)
-        if st is None or not st.is_file:
-            continue
-        fs.write_atomic(posixpath.join(directory, name), fs.read_bytes(path), st.perms, st.uid, st.gid)
+        if st is not None and st.is_file:
+            fs.copy(path, posixpath.join(directory, name))
     return set_id
 
 
@@ -249,10 +296,15 @@ def _sync_links(target: CertDir, names) -> None:
             fs.remove(path)
 
 
+def _switch(target: CertDir, set_id: str) -> None:
+    target.fs.symlink_atomic(posixpath.join(SETS, set_id), posixpath.join(target.state, CURRENT))
+    _sync_links(target, target.set_names(set_id))
+
+
 def _collect_garbage(target: CertDir) -> None:
     keep = {target.current_id(), target.previous_id()}
     for name in target.fs.listdir(target.sets):
-        if name not in keep:
+        if name not in keep and not name.startswith(STAGING_PREFIX):
             target.fs.rmtree(posixpath.join(target.sets, name))
 
 
@@ -262,10 +314,8 @@ def rollback(fs: FS, cert_dir: str) -> InstallResult:
     current, previous = target.current_id(), target.previous_id()
     if previous is None or fs.stat(posixpath.join(target.sets, previous)) is None:
         raise NotFound(f"{cert_dir} has no previous credential set to roll back to")
-    names = target.set_files(previous)
-    fs.symlink_atomic(posixpath.join(SETS, previous), posixpath.join(target.state, CURRENT))
     if current:
         fs.symlink_atomic(posixpath.join(SETS, current), posixpath.join(target.state, PREVIOUS))
-    _sync_links(target, names)
+    _switch(target, previous)
     return InstallResult(changed=True, set_id=previous, previous_id=current,
                          actions=[f"switched back to set {previous}"])

@@ -46,28 +46,55 @@ def host_modes(gid: int) -> Modes:
     return Modes(cert=0o644, key=0o640, directory=0o755, uid=0, gid=gid)
 
 
+# Inside a set directory the client files are links to the server ones: one
+# certificate and one key serve both roles, and a key made on the host is moved in
+# once, never copied.
+CLIENT_LINKS = {CLIENT_CERT: SERVER_CERT, CLIENT_KEY: SERVER_KEY}
+
+
 @dataclass(frozen=True)
 class CredentialSet:
+    """The bytes of each layout name as QEMU reads them (client files = server files).
+
+    `key_on_host` names a key file already staged on the target (enroll: made there,
+    never sent); the set then holds no key bytes.
+    """
+
     host: str
     fingerprint_sha256: str
     files: Dict[str, bytes] = field(repr=False)
+    key_on_host: Optional[str] = None
 
     @classmethod
     def build(cls, host: str, fingerprint_sha256: str, ca_bundle: bytes, cert: bytes,
-              key: bytes, crl: Optional[bytes] = None) -> "CredentialSet":
-        files = {CA_BUNDLE: ca_bundle, SERVER_CERT: cert, SERVER_KEY: key,
-                 CLIENT_CERT: cert, CLIENT_KEY: key}
+              key: Optional[bytes], crl: Optional[bytes] = None,
+              key_on_host: Optional[str] = None) -> "CredentialSet":
+        files = {CA_BUNDLE: ca_bundle, SERVER_CERT: cert, CLIENT_CERT: cert}
+        if key is not None:
+            files.update({SERVER_KEY: key, CLIENT_KEY: key})
+        elif key_on_host is None:
+            raise ValueError("a credential set needs its key's bytes or its place on the host")
         if crl:
             files[CRL] = crl
-        return cls(host, fingerprint_sha256, files)
+        return cls(host, fingerprint_sha256, files, key_on_host)
+
+    @property
+    def names(self) -> frozenset:
+        """Every layout name the set provides."""
+        return frozenset(self.files) | (frozenset(KEY_FILES) if self.key_on_host else frozenset())
 
     def digests(self) -> Dict[str, str]:
         return {name: hashlib.sha256(data).hexdigest() for name, data in sorted(self.files.items())}
 
     @property
     def set_id(self) -> str:
-        """Content address: the same files give the same id, which makes re-placing a no-op."""
-        text = json.dumps({"host": self.host, "files": self.digests()}, sort_keys=True)
+        """Content address: the same files give the same id, which makes re-placing a no-op.
+
+        The key is left out: the certificate binds its public key, so the same
+        certificate means the same key, wherever the key was made.
+        """
+        digests = {n: d for n, d in self.digests().items() if n not in KEY_FILES}
+        text = json.dumps({"host": self.host, "files": digests}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def manifest(self, created: str) -> bytes:

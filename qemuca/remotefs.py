@@ -145,6 +145,14 @@ class RemoteFS(FS):
                     pass
                 raise
 
+    def rename(self, source, target):
+        with self._op("rename", source):
+            self.sftp.posix_rename(source, target)
+
+    def copy(self, source, target):
+        """`cp -p` on the host itself: the bytes (a key, maybe) never cross the network."""
+        self.conn.run(["cp", "-p", "--", source, target], check=True)
+
     def remove(self, path):
         with self._op("remove", path):
             self.sftp.remove(path)

@@ -20,6 +20,7 @@ import getpass
 import json
 import os
 import sqlite3
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional
@@ -135,6 +136,7 @@ class Store:
         self.home = os.path.abspath(home)
         self.fs = LocalFS()
         self._db: Optional[sqlite3.Connection] = None
+        self._lock = threading.RLock()
 
     # -- paths
     @property
@@ -192,7 +194,9 @@ class Store:
                     # The index holds host keys: create it 0600 (SQLite gives its -wal and
                     # -shm files the database file's mode).
                     os.close(os.open(self.index_path, os.O_WRONLY | os.O_CREAT, 0o600))
-                db = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                # Shared by a fleet's worker threads; every use holds self._lock.
+                db = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                     check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute("PRAGMA foreign_keys=ON")
@@ -209,26 +213,28 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; BEGIN IMMEDIATE takes the write lock up front."""
-        db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise StoreError(f"index is locked or unwritable: {e}") from None
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        try:
-            db.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"could not commit to the index: {e}") from None
+        with self._lock:
+            db = self.db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreError(f"index is locked or unwritable: {e}") from None
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            try:
+                db.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"could not commit to the index: {e}") from None
 
     def read(self, sql: str, args: Iterable = ()) -> list:
-        try:
-            return self.db.execute(sql, tuple(args)).fetchall()
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"index {self.index_path} is unusable: {e}") from None
+        with self._lock:
+            try:
+                return self.db.execute(sql, tuple(args)).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"index {self.index_path} is unusable: {e}") from None
 
     def initialise_index(self) -> None:
         with self.write() as db:

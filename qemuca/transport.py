@@ -43,9 +43,9 @@ MAX_JUMPS = 8
 
 # Programs the tool runs on hosts. Anything else is refused before it leaves this process.
 PROGRAMS = frozenset({
-    "cat", "certtool", "chmod", "chown", "getent", "hostname", "id", "libvirtd", "ln", "ls",
+    "cat", "certtool", "chmod", "cp", "chown", "getent", "hostname", "id", "kill", "libvirtd", "ln", "ls",
     "mkdir", "mv", "openssl", "printf", "readlink", "rm", "sha256sum", "stat", "sync",
-    "systemctl", "test", "true", "uname", "virsh", "virtqemud",
+    "systemctl", "test", "timeout", "true", "uname", "virsh", "virtqemud",
 })
 
 # Fixed templates; each "{name}" item becomes exactly one argv item, whatever its value.

@@ -29,6 +29,7 @@ COMMANDS = {
     "inspect": ("qemuca.cli.inventory", "inspect_cmd", "Inspect a PEM file against QEMU's checks."),
     "qemu-conf": ("qemuca.cli.qemu_conf", "qemu_conf_group", "Edit libvirt's qemu.conf TLS settings."),
     "deploy": ("qemuca.cli.deploy_cmds", "deploy_cmd", "Deploy credentials and qemu.conf to hosts over SSH."),
+    "enroll": ("qemuca.cli.deploy_cmds", "enroll_cmd", "Make keys on hosts, sign their CSRs, deploy."),
     "rollback": ("qemuca.cli.deploy_cmds", "rollback_cmd", "Switch hosts back to their previous credentials."),
     "verify": ("qemuca.cli.verify_cmd", "verify_cmd", "Check hosts' QEMU TLS set-up, or a migration pair."),
 }

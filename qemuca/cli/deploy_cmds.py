@@ -118,6 +118,56 @@ def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_pat
     return render_reports(reports, as_json, "Deploy" + (" (dry run: nothing written)" if dry_run else ""))
 
 
+@click.command("enroll")
+@host_selection
+@ssh_options
+@host_layout_options
+@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_HOST_KEY_TYPE,
+              show_default=True, help="Type of the key made on the host.")
+@click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
+              help="Extra subjectAltName for every host (DNS name or IP; repeatable).")
+@click.option("--days", type=click.IntRange(1, 36500), default=profile.DEFAULT_HOST_DAYS,
+              show_default=True, help="Validity in days (never past the CA's own).")
+@click.option("--replace", "replace_valid", is_flag=True,
+              help="Enroll hosts that already have a valid certificate (it becomes superseded).")
+@parallel_option
+@passphrase_file_option
+@json_option
+@click.pass_obj
+def enroll_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls,
+               default_dir, restart, force, key_type, sans, days, replace_valid, parallel,
+               passphrase_file, as_json):
+    """Enroll hosts: the key is made ON the host and never leaves it (recommended).
+
+    Per host, over SSH: the host's openssl makes the key in a directory only root can
+    enter inside --cert-dir, a CSR comes back, qemuca signs it with the same profile
+    as 'qemuca sign', and the set is switched in atomically as by 'qemuca deploy'
+    (modes, group, qemu.conf, --restart alike). The certificate is recorded in the
+    index once it is in place; any failure leaves the host with its previous set.
+    """
+    from qemuca import ca
+    from qemuca.deploy import enroll_host, run_on_host
+    from qemuca.names import san_value
+
+    opts = _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
+                           restart, force)
+    for value in sans:
+        san_value(value)  # refuse a bad --san before touching any host
+    hosts = select_hosts(app, selection)
+    store = app.store()
+    authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
+    authority.key  # unlock once, before the workers start
+    connect = _connector(ssh)
+
+    def operation(host):
+        return run_on_host(host, connect, lambda conn, fs: enroll_host(
+            conn, fs, authority, host, opts, key_type, sans, days, replace_valid))
+
+    reports = run_with_progress(hosts, operation, parallel, "enrolling", as_json)
+    store.record_deployments(reports)
+    return render_reports(reports, as_json, "Enroll")
+
+
 @click.command("rollback")
 @host_selection
 @ssh_options

@@ -139,18 +139,19 @@ class Issued:
     replaced: Optional[str]
 
 
-class CertificateAuthority:
-    def __init__(self, store: Store, passphrase: Optional[PassphraseSource] = None):
-        self.store = store
+class Signer:
+    """One CA certificate and its key (unlocked on first use)."""
+
+    def __init__(self, fs, cert_path: str, key_path: str, passphrase: Optional[PassphraseSource]):
+        self.fs, self.cert_path, self.key_path = fs, cert_path, key_path
         self._passphrase = passphrase
         self._key = None
         try:
-            self.cert = x509.load_pem_x509_certificate(store.fs.read_bytes(store.ca_cert_path))
+            self.cert = x509.load_pem_x509_certificate(fs.read_bytes(cert_path))
         except OSError as e:
-            raise StoreError(f"CA certificate {store.ca_cert_path} is unreadable: {e.strerror}") from None
+            raise StoreError(f"CA certificate {cert_path} is unreadable: {e.strerror}") from None
         except ValueError:
-            raise StoreError(f"CA certificate {store.ca_cert_path} is corrupt (not a PEM certificate)"
-                             ) from None
+            raise StoreError(f"CA certificate {cert_path} is corrupt (not a PEM certificate)") from None
         self.fingerprint = fingerprint(self.cert)
 
     @property
@@ -160,9 +161,9 @@ class CertificateAuthority:
         return self._key
 
     def _load_key(self):
-        path = self.store.ca_key_path
+        path = self.key_path
         try:
-            data = self.store.fs.read_bytes(path)
+            data = self.fs.read_bytes(path)
         except OSError as e:
             raise StoreError(f"CA key {path} is unreadable: {e.strerror}") from None
         encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
@@ -182,12 +183,38 @@ class CertificateAuthority:
             raise StoreError(f"CA key {path} does not match the CA certificate")
         return key
 
+
+class CertificateAuthority:
+    """The signing CA, and during a rollover the previous one (still trusted, and
+    still signing the CRL of the certificates it issued)."""
+
+    def __init__(self, store: Store, passphrase: Optional[PassphraseSource] = None):
+        self.store = store
+        self._passphrase = passphrase
+        self.current = Signer(store.fs, store.ca_cert_path, store.ca_key_path, passphrase)
+        self.cert, self.fingerprint = self.current.cert, self.current.fingerprint
+        self.previous: Optional[Signer] = None
+        if os.path.exists(store.previous_ca_cert_path):
+            self.previous = Signer(store.fs, store.previous_ca_cert_path, store.previous_ca_key_path,
+                                   passphrase)
+
+    @property
+    def key(self):
+        return self.current.key
+
+    def trusted(self) -> List[Signer]:
+        """The CAs hosts must trust now: during a rollover both, newest first."""
+        rollover = self.store.rollover()
+        if self.previous is not None and (rollover or {}).get("stage") != "finishing":
+            return [self.current, self.previous]
+        return [self.current]
+
     def bundle(self) -> bytes:
         """What hosts get as ca-cert.pem."""
-        return cert_pem(self.cert).encode()
+        return b"".join(cert_pem(s.cert).encode() for s in self.trusted())
 
     def crl_pem(self) -> Optional[bytes]:
-        """The current CRL when anything is revoked (what hosts get as ca-crl.pem)."""
+        """The current CRL(s) when anything is revoked (what hosts get as ca-crl.pem)."""
         if not self.store.revoked():
             return None
         try:
@@ -264,35 +291,52 @@ class CertificateAuthority:
         return revoked
 
     def write_crl(self, days: int = DEFAULT_CRL_DAYS) -> bytes:
-        """Sign a CRL of every revoked certificate and store it as crl.pem."""
+        """Sign the CRL of every trusted CA and store them, concatenated, as crl.pem.
+
+        The signing CA's CRL is always there (maybe empty); the previous CA's only
+        when certificates it issued are revoked. QEMU (GnuTLS) reads every CRL in
+        ca-crl.pem.
+        """
         if days < 1:
             raise InvalidInput("the CRL's next update must be at least 1 day away")
         now = profile.utcnow()
-        ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        key = self.key
+        revoked = self.store.revoked()
+        signers = [s for s in self.trusted()
+                   if s is self.current or any(r.ca_fingerprint == s.fingerprint for r in revoked)]
+        for signer in signers:
+            signer.key  # unlock every key first: a wrong passphrase must change nothing
         with self.store.write() as db:
-            number = self.store.next_crl_number(db)
-            builder = (x509.CertificateRevocationListBuilder()
-                       .issuer_name(self.cert.subject)
-                       .last_update(now)
-                       .next_update(now + dt.timedelta(days=days))
-                       .add_extension(x509.CRLNumber(number), critical=False)
-                       .add_extension(x509.AuthorityKeyIdentifier
-                                      .from_issuer_subject_key_identifier(ski), critical=False))
-            for rec in self.store.revoked():
-                entry = (x509.RevokedCertificateBuilder()
-                         .serial_number(int(rec.serial, 16))
-                         .revocation_date(parse_iso(rec.revoked_at)))
-                if rec.revocation_reason and rec.revocation_reason != "unspecified":
-                    entry = entry.add_extension(
-                        x509.CRLReason(REVOCATION_REASONS[rec.revocation_reason]), critical=False)
-                builder = builder.add_revoked_certificate(entry.build())
-            crl = builder.sign(key, profile.signature_hash(key))
-            pem = crl.public_bytes(serialization.Encoding.PEM)
+            pems = []
+            for signer in signers:
+                number = self.store.next_crl_number(db)
+                mine = [r for r in revoked if r.ca_fingerprint == signer.fingerprint]
+                pems.append(_crl(signer, mine, number, now, days))
+            pem = b"".join(pems)
             self.store.fs.write_atomic(self.store.crl_path, pem, 0o644)
             self.store.audit(db, "crl", None, crl_number=number, next_update=iso(now + dt.timedelta(days=days)),
-                             revoked=len(self.store.revoked()))
+                             revoked=len(revoked), issuers=len(pems))
         return pem
+
+
+def _crl(signer: Signer, revoked: Sequence[CertRecord], number: int, now: dt.datetime, days: int) -> bytes:
+    ski = signer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(signer.cert.subject)
+               .last_update(now)
+               .next_update(now + dt.timedelta(days=days))
+               .add_extension(x509.CRLNumber(number), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                              critical=False))
+    for rec in revoked:
+        entry = (x509.RevokedCertificateBuilder()
+                 .serial_number(int(rec.serial, 16))
+                 .revocation_date(parse_iso(rec.revoked_at)))
+        if rec.revocation_reason and rec.revocation_reason != "unspecified":
+            entry = entry.add_extension(x509.CRLReason(REVOCATION_REASONS[rec.revocation_reason]),
+                                        critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    crl = builder.sign(signer.key, profile.signature_hash(signer.key))
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:

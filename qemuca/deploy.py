@@ -9,7 +9,9 @@ switched back to its previous set and reported failed.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -17,7 +19,7 @@ from cryptography import x509
 
 from qemuca import install, qemuconf
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
-from qemuca.layout import CA_BUNDLE, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
+from qemuca.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
 
 DEFAULT_CERT_DIR = "/etc/pki/qemu"
 DEFAULT_QEMU_CONF = "/etc/libvirt/qemu.conf"
@@ -56,6 +58,7 @@ class HostReport:
     error: Optional[str] = None
     actions: List[str] = field(default_factory=list)
     qemu_conf_diff: str = ""
+    bundle_sha256: Optional[str] = None  # the ca-cert.pem deployed (rollover tracking)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -169,7 +172,8 @@ def _switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, modes,
                then: Optional[Callable[[], None]] = None) -> HostReport:
     """Install the set, check it, update qemu.conf, run `then`; any failure after the
     switch switches the host back to its previous set."""
-    report = HostReport(creds.host, fingerprint_sha256=creds.fingerprint_sha256)
+    report = HostReport(creds.host, fingerprint_sha256=creds.fingerprint_sha256,
+                        bundle_sha256=hashlib.sha256(creds.files[CA_BUNDLE]).hexdigest())
     placed = install.install(fs, opts.cert_dir, creds, modes, force=opts.force)
     try:
         check_landed(conn, fs, opts.cert_dir, creds)
@@ -243,6 +247,75 @@ def enroll_host(conn, fs, authority, host: str, opts: DeployOptions, key_type: s
     finally:
         if fs.stat(staging, follow=False) is not None:
             fs.rmtree(staging)
+
+
+@contextmanager
+def staged_key_copy(conn, fs, cert_dir: str, modes):
+    """A copy, made on the host, of the key in use (for a new set around the same key);
+    the staging directory is removed afterwards, whatever happens."""
+    source = posixpath.join(cert_dir, SERVER_KEY)
+    if fs.stat(source) is None:
+        raise NotFound(f"{conn.name}: no key in {cert_dir}: enroll the host first")
+    staging = install.make_staging(fs, cert_dir, modes)
+    try:
+        copy = posixpath.join(staging, SERVER_KEY)
+        fs.copy(source, copy)
+        yield copy
+    finally:
+        if fs.stat(staging, follow=False) is not None:
+            fs.rmtree(staging)
+
+
+def deploy_from_store(conn, fs, authority, host: str, opts: DeployOptions) -> HostReport:
+    """The host's current certificate from the index, with the CA's bundle and CRL.
+
+    An enrolled host's key is not in the store: the key already on the host is reused
+    (copied there; check_landed proves it matches before anything is kept).
+    """
+    from qemuca.ca import require_host
+
+    record = require_host(authority.store, host)
+    key = authority.store.key_pem(record.serial)
+    modes = _host_modes(conn, fs, opts)
+
+    def creds_with(key_bytes=None, key_on_host=None):
+        return CredentialSet.build(record.host, record.fingerprint_sha256, authority.bundle(),
+                                   record.cert_pem.encode(), key_bytes, authority.crl_pem(), key_on_host)
+
+    if key is not None:
+        creds = creds_with(key.encode())
+        return _dry_run(fs, creds, opts, modes) if opts.dry_run else _switch_in(conn, fs, creds, opts, modes)
+    if opts.dry_run:
+        return _dry_run(fs, creds_with(key_on_host=posixpath.join(opts.cert_dir, SERVER_KEY)), opts, modes)
+    with staged_key_copy(conn, fs, opts.cert_dir, modes) as key_path:
+        return _switch_in(conn, fs, creds_with(key_on_host=key_path), opts, modes)
+
+
+def refresh_host(conn, fs, authority, host: str, opts: DeployOptions, bundle: bool, crl: bool
+                 ) -> HostReport:
+    """Re-place the host's current set with only the CA bundle and/or the CRL renewed
+    (revocation rollout, CA rollover): certificates and key stay as they are."""
+    from qemuca.ca import fingerprint
+
+    modes = _host_modes(conn, fs, opts)
+    target = install.CertDir(fs, opts.cert_dir)
+    current = target.current_id()
+    if current is None:
+        raise NotFound(f"{conn.name}: nothing deployed in {opts.cert_dir} yet: run deploy or enroll")
+    files = target.set_files(current, keys=False)
+    if SERVER_CERT not in files or CA_BUNDLE not in files:
+        raise NotFound(f"{conn.name}: the set in use in {opts.cert_dir} is incomplete: redeploy it")
+    new_crl = authority.crl_pem() if crl else files.get(CRL)
+    new_bundle = authority.bundle() if bundle else files[CA_BUNDLE]
+    fp = fingerprint(x509.load_pem_x509_certificate(files[SERVER_CERT]))
+
+    def creds_with(key_on_host):
+        return CredentialSet.build(host, fp, new_bundle, files[SERVER_CERT], None, new_crl, key_on_host)
+
+    if opts.dry_run:
+        return _dry_run(fs, creds_with(posixpath.join(opts.cert_dir, SERVER_KEY)), opts, modes)
+    with staged_key_copy(conn, fs, opts.cert_dir, modes) as key_path:
+        return _switch_in(conn, fs, creds_with(key_path), opts, modes)
 
 
 def rollback_host(conn, fs, cert_dir: str) -> HostReport:

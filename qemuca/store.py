@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     fingerprint_sha256 TEXT,
     at TEXT NOT NULL,
     result TEXT NOT NULL,
-    error TEXT
+    error TEXT,
+    bundle_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS deployments_host ON deployments(host, id);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
@@ -150,6 +151,19 @@ class Store:
     @property
     def ca_key_path(self) -> str:
         return os.path.join(self.ca_dir, "ca-key.pem")
+
+    @property
+    def previous_ca_dir(self) -> str:
+        """During a CA rollover: the previous CA, still trusted until `finish`."""
+        return os.path.join(self.home, "ca-previous")
+
+    @property
+    def previous_ca_cert_path(self) -> str:
+        return os.path.join(self.previous_ca_dir, "ca-cert.pem")
+
+    @property
+    def previous_ca_key_path(self) -> str:
+        return os.path.join(self.previous_ca_dir, "ca-key.pem")
 
     @property
     def index_path(self) -> str:
@@ -337,16 +351,35 @@ class Store:
         at = iso(dt.datetime.now(dt.timezone.utc))
         with self.write() as db:
             for r in reports:
-                db.execute("INSERT INTO deployments (host, fingerprint_sha256, at, result, error) "
-                           "VALUES (?,?,?,?,?)", (r.host, r.fingerprint_sha256, at, r.result, r.error))
+                db.execute("INSERT INTO deployments (host, fingerprint_sha256, at, result, error, "
+                           "bundle_sha256) VALUES (?,?,?,?,?,?)",
+                           (r.host, r.fingerprint_sha256, at, r.result, r.error,
+                            getattr(r, "bundle_sha256", None)))
                 self.audit(db, "deploy", r.host, result=r.result, fingerprint_sha256=r.fingerprint_sha256)
 
     def deployed(self) -> dict:
         """host -> (fingerprint, time) of its last successful deployment."""
-        rows = self.read("SELECT host, fingerprint_sha256, at FROM deployments WHERE id IN "
+        return {host: (fp, at) for host, fp, at, _ in self._last_deployments()}
+
+    def deployed_bundles(self) -> dict:
+        """host -> sha256 of the ca-cert.pem its last successful deployment placed."""
+        return {host: bundle for host, _, _, bundle in self._last_deployments()}
+
+    def _last_deployments(self) -> list:
+        return self.read("SELECT host, fingerprint_sha256, at, bundle_sha256 FROM deployments WHERE id IN "
                          "(SELECT MAX(id) FROM deployments WHERE result IN ('changed', 'unchanged') "
                          "GROUP BY host)")
-        return {host: (fp, at) for host, fp, at in rows}
+
+    def rollover(self) -> Optional[dict]:
+        """The CA rollover in progress ({"stage": "started"|"finishing", ...}) or None."""
+        rows = self.read("SELECT value FROM meta WHERE key = 'rollover'")
+        return json.loads(rows[0][0]) if rows else None
+
+    def set_rollover(self, db: sqlite3.Connection, state: Optional[dict]) -> None:
+        if state is None:
+            db.execute("DELETE FROM meta WHERE key = 'rollover'")
+        else:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('rollover', ?)", (json.dumps(state),))
 
     def revoked(self) -> List[CertRecord]:
         return self.certificates("status = 'revoked'")

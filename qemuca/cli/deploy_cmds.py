@@ -63,6 +63,10 @@ def _connector(ssh):
               help="Issue a certificate (key made here) for hosts that have none.")
 @click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_HOST_KEY_TYPE,
               show_default=True, help="Key type for --issue.")
+@click.option("--crl-only", is_flag=True,
+              help="Only renew ca-crl.pem on the hosts (revocation rollout); certificates stay.")
+@click.option("--bundle-only", is_flag=True,
+              help="Only renew ca-cert.pem, the CA bundle (CA rollover); certificates stay.")
 @click.option("--dry-run", is_flag=True,
               help="Connect and show per host what would change (files, modes, qemu.conf diff); "
                    "write nothing anywhere.")
@@ -71,8 +75,8 @@ def _connector(ssh):
 @json_option
 @click.pass_obj
 def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls,
-               default_dir, restart, force, issue_missing, key_type, dry_run, parallel,
-               passphrase_file, as_json):
+               default_dir, restart, force, issue_missing, key_type, crl_only, bundle_only, dry_run,
+               parallel, passphrase_file, as_json):
     """Put each host's QEMU credentials and qemu.conf TLS settings in place over SSH.
 
     Per host, over one SSH connection: ca-cert.pem, server-cert.pem, client-cert.pem
@@ -81,15 +85,18 @@ def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_pat
     read back and checked; then migrate_tls_x509_cert_dir and migrate_tls_x509_verify
     = 1 in qemu.conf (as 'qemuca qemu-conf apply'). On any failure the host keeps its
     previous set. Deploying what is there already changes nothing. Hosts are checked
-    against known_hosts like OpenSSH does (unknown keys refused).
+    against known_hosts like OpenSSH does (unknown keys refused). An enrolled host
+    keeps the key it made.
 
     Exit 0 when every host succeeded, 1 when any failed (see the table or --json:
     one object per host with host, result, fingerprint_sha256, restart_needed, error).
     """
     from qemuca import ca
-    from qemuca.deploy import HostReport, deploy_host, run_on_host
-    from qemuca.errors import QemucaError
+    from qemuca.deploy import deploy_from_store, refresh_host, run_on_host
+    from qemuca.errors import InvalidInput
 
+    if issue_missing and (crl_only or bundle_only):
+        raise InvalidInput("--issue does not go with --crl-only or --bundle-only")
     opts = _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
                            restart, force, dry_run)
     hosts = select_hosts(app, selection)
@@ -98,21 +105,16 @@ def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_pat
     missing = [h for h in hosts if store.valid_for_host(h) is None]
     if issue_missing and missing and not dry_run:
         authority.issue(missing, [], profile.DEFAULT_HOST_DAYS, key_type, force=False)
-    sets, failed = {}, {}
-    for host in hosts:
-        try:
-            sets[host] = ca.credential_set(store, authority, host)
-        except QemucaError as e:
-            failed[host] = HostReport(host, error=str(e) + (" (would be issued by --issue)"
-                                                            if dry_run and issue_missing else ""))
     connect = _connector(ssh)
+    if crl_only or bundle_only:
+        def work(host):
+            return lambda conn, fs: refresh_host(conn, fs, authority, host, opts, bundle_only, crl_only)
+    else:
+        def work(host):
+            return lambda conn, fs: deploy_from_store(conn, fs, authority, host, opts)
 
-    def operation(host):
-        if host in failed:
-            return failed[host]
-        return run_on_host(host, connect, lambda conn, fs: deploy_host(conn, fs, sets[host], opts))
-
-    reports = run_with_progress(hosts, operation, parallel, "deploying", as_json)
+    reports = run_with_progress(hosts, lambda h: run_on_host(h, connect, work(h)), parallel,
+                                "deploying", as_json)
     if not dry_run:
         store.record_deployments(reports)
     return render_reports(reports, as_json, "Deploy" + (" (dry run: nothing written)" if dry_run else ""))

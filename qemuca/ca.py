@@ -237,15 +237,16 @@ class CertificateAuthority:
                 if current:
                     raise Conflict(f"{name} already has a valid certificate (serial "
                                    f"{current.serial}); use --force to replace it")
-        ca_key = self.key
-        new = []
-        for name in names:
-            key = profile.generate_key(key_type)
-            cert = profile.build_host_certificate(self.cert, ca_key, name, extra, key.public_key(), days)
-            new.append(NewCert(self._record(cert, name, "generated", key_type), key_pem(key)))
+        new = [self.make_cert(name, extra, days, profile.generate_key(key_type)) for name in names]
         replaced = self.store.add_certificates(new, force=force, action="issue")
         # The records as the index holds them, `replaces` included.
         return [Issued(dataclasses.replace(n.record, replaces=r), r) for n, r in zip(new, replaced)]
+
+    def make_cert(self, host: str, sans: Sequence, days: int, key) -> NewCert:
+        """A certificate for a key held here (new, or the same key on renewal), not recorded."""
+        cert = profile.build_host_certificate(self.cert, self.key, host, sans, key.public_key(), days)
+        return NewCert(self._record(cert, host, "generated", _key_type_name(key.public_key())),
+                       key_pem(key))
 
     def sign(self, csr_data: bytes, host: Optional[str], sans: Sequence[str], days: int,
              force: bool) -> Issued:

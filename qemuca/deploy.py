@@ -226,7 +226,7 @@ def key_and_csr_on_host(conn, directory: str, host: str, key_type: str):
 
 
 def enroll_host(conn, fs, authority, host: str, opts: DeployOptions, key_type: str,
-                sans, days: int, force: bool) -> HostReport:
+                sans, days: int, force: bool, action: str = "enroll") -> HostReport:
     """Key made on the host, CSR signed here, set switched in; the key never travels.
 
     The certificate is recorded in the index only once it is in place and checked;
@@ -243,7 +243,7 @@ def enroll_host(conn, fs, authority, host: str, opts: DeployOptions, key_type: s
                                     new.record.cert_pem.encode(), None, authority.crl_pem(),
                                     key_on_host=key_path)
         return _switch_in(conn, fs, creds, opts, modes,
-                          then=lambda: authority.record(new, force, "enroll"))
+                          then=lambda: authority.record(new, force, action))
     finally:
         if fs.stat(staging, follow=False) is not None:
             fs.rmtree(staging)

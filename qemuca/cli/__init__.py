@@ -30,8 +30,13 @@ COMMANDS = {
     "qemu-conf": ("qemuca.cli.qemu_conf", "qemu_conf_group", "Edit libvirt's qemu.conf TLS settings."),
     "deploy": ("qemuca.cli.deploy_cmds", "deploy_cmd", "Deploy credentials and qemu.conf to hosts over SSH."),
     "enroll": ("qemuca.cli.deploy_cmds", "enroll_cmd", "Make keys on hosts, sign their CSRs, deploy."),
+    "renew": ("qemuca.cli.lifecycle_cmds", "renew_cmd", "New certificates for the hosts' existing keys."),
+    "rekey": ("qemuca.cli.lifecycle_cmds", "rekey_cmd", "New keys and certificates for hosts."),
+    "ca": ("qemuca.cli.lifecycle_cmds", "ca_group", "CA status and rollover to a new CA."),
     "rollback": ("qemuca.cli.deploy_cmds", "rollback_cmd", "Switch hosts back to their previous credentials."),
     "verify": ("qemuca.cli.verify_cmd", "verify_cmd", "Check hosts' QEMU TLS set-up, or a migration pair."),
+    "check": ("qemuca.cli.monitor_cmds", "check_cmd", "Monitoring check: exit 0/1/2 (OK/WARNING/CRITICAL)."),
+    "metrics": ("qemuca.cli.monitor_cmds", "metrics_cmd", "Write Prometheus metrics for node_exporter."),
 }
 
 _debug = False

@@ -25,20 +25,28 @@ def list_cmd(app, expiring_within, show_all, as_json):
 
     --json prints an array of objects with host, serial, sans, not_before, not_after
     (ISO 8601 UTC), days_left, status (valid, revoked or superseded),
-    fingerprint_sha256, replaces and issued_at.
+    fingerprint_sha256, replaces, issued_at, and deployed / deployed_at: whether (and
+    when) the last successful deploy put this very certificate on its host.
     """
     store = app.store()
     records = store.certificates() if show_all else store.certificates("status != 'superseded'")
     if expiring_within is not None:
         records = [r for r in records if r.status == "valid" and _days_left(r.not_after) <= expiring_within]
-    rows = [dict(r.as_dict(), days_left=_days_left(r.not_after)) for r in records]
+    deployed = store.deployed()
+
+    def where(r):
+        fp, at = deployed.get(r.host, (None, None))
+        return {"deployed": fp == r.fingerprint_sha256, "deployed_at": at if fp == r.fingerprint_sha256 else None}
+
+    rows = [dict(r.as_dict(), days_left=_days_left(r.not_after), **where(r)) for r in records]
     if as_json:
         emit_json(rows)
         return
     print_table(f"{len(rows)} certificate(s) in {store.home}",
-                ["host", "serial", "status", "not after", "days left", "key", "fingerprint (SHA-256)"],
+                ["host", "serial", "status", "not after", "days left", "key", "fingerprint (SHA-256)",
+                 "deployed"],
                 [(r["host"], r["serial"], r["status"], r["not_after"], r["days_left"],
-                  r["key_type"], r["fingerprint_sha256"][:16]) for r in rows])
+                  r["key_type"], r["fingerprint_sha256"][:16], r["deployed_at"] or "no") for r in rows])
 
 
 @click.command("show")

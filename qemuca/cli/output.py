@@ -31,15 +31,30 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
+PLAIN_TABLE_ROWS = 30
+
+
 def print_table(title, columns, rows) -> None:
+    """A rich table; plain aligned columns for long tables (rich costs ~1.2 ms a row)."""
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    if len(cells) > PLAIN_TABLE_ROWS:
+        click.echo(plain_table(title, columns, cells))
+        return
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for col in columns:
         table.add_column(col)
-    for row in rows:
-        table.add_row(*[("" if v is None else str(v)) for v in row])
+    for row in cells:
+        table.add_row(*row)
     console().print(table)
+
+
+def plain_table(title, columns, cells) -> str:
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
 
 
 def print_fields(title, pairs) -> None:

@@ -107,6 +107,8 @@ def test_ca_rollover_never_breaks_migration(cluster):
         assert [c.subject.rfc4514_string() for c in bundle] == ["CN=QEMU CA new,OU=qemu"]
     assert json.loads(cluster.q("ca", "status", "--json").stdout)["stage"] == "none"
     cluster.assert_all_pairs_migrate(names)
+    check = json.loads(cluster.q("check", "--json").stdout)
+    assert check["status"] == "OK", check
 
 
 def test_revocation_rollout_cuts_the_revoked_source(cluster):

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 DEFAULT_QEMU_CONF = "# libvirt qemu.conf of a fake host (qemuca tests)\n"
-TIMEOUT = 10.0
+TIMEOUT = 30.0  # generous: CI machines can be loaded
 
 # Runs inside the new namespaces; $1 = host folder, $2 = host name, $3 = fleet base.
 ANCHOR_SCRIPT = r"""

@@ -41,10 +41,13 @@ class FileStat:
         return stat_mod.S_ISLNK(self.mode)
 
 
+TEMP_MARK = ".qemuca-tmp-"
+
+
 def temp_name(path: str) -> str:
     """A hidden sibling name for staging `path`; random so parallel writers never clash."""
     head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.qemuca-tmp-{secrets.token_hex(6)}")
+    return os.path.join(head, f".{tail}{TEMP_MARK}{secrets.token_hex(6)}")
 
 
 class FS:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from qemuca.errors import Conflict, NotFound, QemucaError
-from qemuca.fs import FS
+from qemuca.fs import FS, TEMP_MARK
 from qemuca.layout import ALL_FILES, CLIENT_LINKS, KEY_FILES, SERVER_KEY, CredentialSet, Modes
 
 STATE_DIR = ".qemuca"
@@ -219,22 +219,41 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
 
     stamp = (now or (lambda: dt.datetime.now(dt.timezone.utc)))().strftime("%Y-%m-%dT%H:%M:%SZ")
     _write_set(target, creds, modes, creds.manifest(stamp))
-    old_id = _adopt(target, stamp) if foreign else target.current_id()
+    old_id = target.current_id()
+    if foreign:
+        # What QEMU reads now becomes a set of ours, `current` points at it, and the
+        # foreign names become links to the same bytes: nothing changes for QEMU yet.
+        old_id = _adopt(target, stamp)
+        _point(target, CURRENT, old_id)
 
-    # The switch: `previous` first (harmless alone), then one rename of `current`.
+    # Every name the new set has links into `current` before the switch (a new name
+    # dangles until then, which QEMU takes as absent), so one rename switches them all.
+    _add_links(target, creds.names)
     if old_id and old_id != set_id:
-        fs.symlink_atomic(posixpath.join(SETS, old_id), posixpath.join(target.state, PREVIOUS))
-    fs.symlink_atomic(posixpath.join(SETS, set_id), posixpath.join(target.state, CURRENT))
-    _sync_links(target, creds.names)
-
-    if not target.landed_as(creds):
+        _point(target, PREVIOUS, old_id)  # harmless alone
+    _point(target, CURRENT, set_id)  # the switch
+    try:
+        _remove_stale_links(target, creds.names)
+        if not target.landed_as(creds):
+            raise InstallError(f"{cert_dir}: the files read back differ from what was written; "
+                               "the previous set is in use")
+    except BaseException:
         if old_id and old_id != set_id:
-            _switch(target, old_id)
-        raise InstallError(f"{cert_dir}: the files read back differ from what was written; "
-                           "the previous set is in use")
-    _collect_garbage(target)
+            try:
+                _switch(target, old_id)
+            except Exception:  # the first error is the one to report
+                pass
+        raise
+    try:
+        _collect_garbage(target)
+    except OSError:  # leftovers cost disk space only; the next install retries
+        pass
     return InstallResult(changed=True, set_id=set_id, previous_id=old_id,
                          adopted=foreign, actions=[f"switched to set {set_id}"])
+
+
+def _point(target: CertDir, which: str, set_id: str) -> None:
+    target.fs.symlink_atomic(posixpath.join(SETS, set_id), posixpath.join(target.state, which))
 
 
 def _write_set(target: CertDir, creds: CredentialSet, modes: Modes, manifest: bytes) -> None:
@@ -283,29 +302,51 @@ def _adopt(target: CertDir, stamp: str) -> str:
     return set_id
 
 
-def _sync_links(target: CertDir, names) -> None:
-    """Each layout name in the set links into `current`; the others are removed."""
+def _add_links(target: CertDir, names) -> None:
+    """Each layout name of the set becomes a link into `current` (foreign files replaced)."""
     fs = target.fs
-    for name in ALL_FILES:
+    for name in sorted(names):
         path = posixpath.join(target.path, name)
         st = fs.stat(path, follow=False)
-        ours = st is not None and st.is_link and fs.readlink(path) == link_target(name)
-        if name in names and not ours:
+        if not (st is not None and st.is_link and fs.readlink(path) == link_target(name)):
             fs.symlink_atomic(link_target(name), path)
-        elif name not in names and st is not None:
-            fs.remove(path)
+
+
+def _remove_stale_links(target: CertDir, names) -> None:
+    """Layout names the set does not hold (a CRL no longer needed) go, after the switch."""
+    for name in ALL_FILES:
+        path = posixpath.join(target.path, name)
+        if name not in names and target.fs.stat(path, follow=False) is not None:
+            target.fs.remove(path)
 
 
 def _switch(target: CertDir, set_id: str) -> None:
-    target.fs.symlink_atomic(posixpath.join(SETS, set_id), posixpath.join(target.state, CURRENT))
-    _sync_links(target, target.set_names(set_id))
+    names = target.set_names(set_id)
+    _add_links(target, names)
+    _point(target, CURRENT, set_id)
+    _remove_stale_links(target, names)
 
 
 def _collect_garbage(target: CertDir) -> None:
+    """Sets other than current and previous, and temp files an interrupted run left."""
+    fs = target.fs
     keep = {target.current_id(), target.previous_id()}
-    for name in target.fs.listdir(target.sets):
-        if name not in keep and not name.startswith(STAGING_PREFIX):
-            target.fs.rmtree(posixpath.join(target.sets, name))
+    for name in fs.listdir(target.sets):
+        path = posixpath.join(target.sets, name)
+        if name.startswith(STAGING_PREFIX):
+            continue  # an enroll in progress owns it
+        if name not in keep:
+            fs.rmtree(path)
+        else:
+            _remove_temp_files(fs, path)
+    _remove_temp_files(fs, target.state)
+    _remove_temp_files(fs, target.path)
+
+
+def _remove_temp_files(fs: FS, directory: str) -> None:
+    for name in fs.listdir(directory):
+        if TEMP_MARK in name:
+            fs.remove(posixpath.join(directory, name))
 
 
 def rollback(fs: FS, cert_dir: str) -> InstallResult:
@@ -315,7 +356,7 @@ def rollback(fs: FS, cert_dir: str) -> InstallResult:
     if previous is None or fs.stat(posixpath.join(target.sets, previous)) is None:
         raise NotFound(f"{cert_dir} has no previous credential set to roll back to")
     if current:
-        fs.symlink_atomic(posixpath.join(SETS, current), posixpath.join(target.state, PREVIOUS))
+        _point(target, PREVIOUS, current)
     _switch(target, previous)
     return InstallResult(changed=True, set_id=previous, previous_id=current,
                          actions=[f"switched back to set {previous}"])

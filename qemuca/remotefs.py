@@ -42,6 +42,9 @@ class RemoteFS(FS):
     def _op(self, what: str, path: str) -> Iterator[None]:
         try:
             yield
+        except paramiko.SFTPError as e:  # a protocol error, e.g. a login shell that prints text
+            raise self.conn.error(e, f"{what} {path}: SFTP failed (does the login shell print "
+                                     "text, e.g. from ~/.bashrc?)") from None
         except (paramiko.SSHException, EOFError, socket.timeout, ConnectionError) as e:
             raise self.conn.error(e, f"{what} {path}") from None
         except OSError as e:

@@ -44,7 +44,7 @@ MAX_JUMPS = 8
 # Programs the tool runs on hosts. Anything else is refused before it leaves this process.
 PROGRAMS = frozenset({
     "cat", "certtool", "chmod", "cp", "chown", "getent", "hostname", "id", "kill", "libvirtd", "ln", "ls",
-    "mkdir", "mv", "openssl", "printf", "readlink", "rm", "sha256sum", "stat", "sync",
+    "mkdir", "mv", "openssl", "printf", "readlink", "rm", "setpriv", "sha256sum", "stat", "sync",
     "systemctl", "test", "timeout", "true", "uname", "virsh", "virtqemud",
 })
 
@@ -476,6 +476,9 @@ class Connection:
             try:
                 self._sftp = self.transport.open_sftp_client()
                 self._sftp.get_channel().settimeout(self.command_timeout)
+            except paramiko.SFTPError as e:
+                raise self.error(e, "SFTP failed (does the login shell print text, e.g. from "
+                                    "~/.bashrc?)") from None
             except (paramiko.SSHException, OSError, EOFError) as e:
                 raise self.error(e, "sftp") from None
         return self._sftp

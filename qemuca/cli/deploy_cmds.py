@@ -193,4 +193,5 @@ def rollback_cmd(app, selection, ssh, cert_dir, parallel, as_json):
 
     reports = run_with_progress(hosts, lambda h: run_on_host(h, connect, work), parallel,
                                 "rolling back", as_json)
+    app.store().record_deployments(reports)  # what each host runs now
     return render_reports(reports, as_json, "Rollback")

@@ -19,14 +19,14 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 from cryptography.hazmat.primitives import serialization
 
 from qemuca import ca as ca_mod
 from qemuca import profile
 from qemuca.deploy import (DeployOptions, HostReport, _host_modes, _switch_in, enroll_host,
-                           key_and_csr_on_host, staged_key_copy)
+                           staged_key_copy)
 from qemuca.errors import Conflict
 from qemuca.layout import CredentialSet
 from qemuca.store import Store, iso

@@ -158,8 +158,10 @@ def _int_option(value, name: str, alias: str) -> int:
 
 
 def resolve(alias: str, options: SshOptions = SshOptions(), config: Optional[paramiko.SSHConfig] = None,
-            user: Optional[str] = None, port: Optional[int] = None) -> HostTarget:
-    """Apply ssh_config to `alias`; `user`/`port` (from a ProxyJump spec) and options override it."""
+            user: Optional[str] = None, port: Optional[int] = None,
+            hostname: Optional[str] = None) -> HostTarget:
+    """Apply ssh_config to `alias`; `user`/`port`/`hostname` (from a ProxyJump spec or an
+    inventory's ansible_host/port/user) and options override it."""
     if config is None:
         config = load_ssh_config(options.ssh_config)
     d = config.lookup(alias)
@@ -177,7 +179,7 @@ def resolve(alias: str, options: SshOptions = SshOptions(), config: Optional[par
     jump = d.get("proxyjump")
     return HostTarget(
         alias=alias,
-        hostname=d["hostname"],
+        hostname=hostname or d["hostname"],
         port=port or _int_option(d.get("port", 22), "Port", alias),
         user=user or options.user or d.get("user") or getpass.getuser(),
         identity_files=tuple(os.path.expanduser(p) for p in identities),
@@ -598,8 +600,9 @@ def _authenticate(t: paramiko.Transport, target: HostTarget, options: SshOptions
 
 
 def _open(alias: str, options: SshOptions, config: paramiko.SSHConfig, user: Optional[str],
-          port: Optional[int], jumps: Optional[str], depth: int) -> Connection:
-    target = resolve(alias, options, config, user=user, port=port)
+          port: Optional[int], jumps: Optional[str], depth: int,
+          hostname: Optional[str] = None) -> Connection:
+    target = resolve(alias, options, config, user=user, port=port, hostname=hostname)
     jumps = target.proxy_jump if jumps is None else jumps
     timeout = target.connect_timeout
     via: Optional[Connection] = None
@@ -648,8 +651,12 @@ def _open(alias: str, options: SshOptions, config: paramiko.SSHConfig, user: Opt
 
 
 def connect(alias: str, options: SshOptions = SshOptions(),
-            config: Optional[paramiko.SSHConfig] = None) -> Connection:
-    """Connect to the ssh_config host `alias` (jump hosts included), check its key, log in."""
+            config: Optional[paramiko.SSHConfig] = None, hostname: Optional[str] = None,
+            port: Optional[int] = None, user: Optional[str] = None) -> Connection:
+    """Connect to the ssh_config host `alias` (jump hosts included), check its key, log in.
+
+    hostname/port/user override what ssh_config says (an inventory's ansible_host...).
+    """
     if config is None:
         config = load_ssh_config(options.ssh_config)
-    return _open(alias, options, config, None, None, None, 0)
+    return _open(alias, options, config, user, port, None, 0, hostname)

@@ -10,6 +10,8 @@ class AppContext:
     home: str
     debug: bool = False
     _store: object = field(default=None, repr=False)
+    # host -> InventoryHost, for hosts taken from an inventory with ansible_host/port/user
+    addresses: dict = field(default_factory=dict, repr=False)
 
     def store(self):
         """Open the CA store lazily: most --help paths never need it."""

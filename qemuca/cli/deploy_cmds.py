@@ -7,7 +7,8 @@ import click
 from qemuca import profile
 from qemuca.cli.options import passphrase_file_option, passphrase_source
 from qemuca.cli.output import json_option
-from qemuca.cli.remote import (host_selection, parallel_option, render_reports, run_with_progress,
+from qemuca.cli.remote import (connector, host_selection, parallel_option, render_reports,
+                               run_with_progress,
                                select_hosts, ssh_options)
 from qemuca.deploy import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF
 
@@ -48,11 +49,6 @@ def _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, de
     return opts
 
 
-def _connector(ssh):
-    from qemuca import transport
-
-    config = transport.load_ssh_config(ssh.ssh_config)
-    return lambda host: transport.connect(host, ssh, config)
 
 
 @click.command("deploy")
@@ -105,7 +101,7 @@ def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_pat
     missing = [h for h in hosts if store.valid_for_host(h) is None]
     if issue_missing and missing and not dry_run:
         authority.issue(missing, [], profile.DEFAULT_HOST_DAYS, key_type, force=False)
-    connect = _connector(ssh)
+    connect = connector(app, ssh)
     if crl_only or bundle_only:
         def work(host):
             return lambda conn, fs: refresh_host(conn, fs, authority, host, opts, bundle_only, crl_only)
@@ -159,7 +155,7 @@ def enroll_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_pat
     store = app.store()
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
     authority.key  # unlock once, before the workers start
-    connect = _connector(ssh)
+    connect = connector(app, ssh)
 
     def operation(host):
         return run_on_host(host, connect, lambda conn, fs: enroll_host(
@@ -186,7 +182,7 @@ def rollback_cmd(app, selection, ssh, cert_dir, parallel, as_json):
     from qemuca.deploy import rollback_host, run_on_host
 
     hosts = select_hosts(app, selection)
-    connect = _connector(ssh)
+    connect = connector(app, ssh)
 
     def work(conn, fs):
         return rollback_host(conn, fs, cert_dir)

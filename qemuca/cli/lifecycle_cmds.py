@@ -5,10 +5,11 @@ from __future__ import annotations
 import click
 
 from qemuca import profile
-from qemuca.cli.deploy_cmds import _connector, _deploy_options, host_layout_options
+from qemuca.cli.deploy_cmds import _deploy_options, host_layout_options
 from qemuca.cli.options import passphrase_file_option, passphrase_source
 from qemuca.cli.output import emit_json, json_option, note, print_table
-from qemuca.cli.remote import (host_selection, parallel_option, render_reports, run_with_progress,
+from qemuca.cli.remote import (connector, host_selection, parallel_option, render_reports,
+                               run_with_progress,
                                select_hosts, ssh_options)
 
 
@@ -51,7 +52,7 @@ def _lifecycle_command(name, verb, doc):
             return 0
         authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
         authority.key  # unlock once, before the workers start
-        connect = _connector(ssh)
+        connect = connector(app, ssh)
 
         def operation(host):
             if name == "renew":
@@ -191,7 +192,7 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
         authority.write_crl()
     opts = _deploy_options(cert_dir, group, True, "/etc/libvirt/qemu.conf", None, False, False, False)
     hosts = [r.host for r in store.certificates("status = 'valid'")]
-    connect = _connector(ssh)
+    connect = connector(app, ssh)
     reports = run_with_progress(
         hosts, lambda h: run_on_host(h, connect, lambda conn, fs: refresh_host(
             conn, fs, authority, h, opts, True, True)), parallel, "finishing", as_json)

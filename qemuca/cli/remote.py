@@ -75,7 +75,9 @@ def select_hosts(app, selection):
     if hosts_file:
         names += read_hosts_file(hosts_file)
     if inventory:
-        names += [h.name for h in read_inventory(inventory, limit)]
+        for entry in read_inventory(inventory, limit):
+            names.append(entry.name)
+            app.addresses[host_name(entry.name)] = entry
     elif limit:
         raise InvalidInput("--limit goes with --inventory")
     if all_hosts:
@@ -88,6 +90,22 @@ def select_hosts(app, selection):
         if name not in out:
             out.append(name)
     return out
+
+
+def connector(app, ssh):
+    """host -> Connection, with ssh_config read once and an inventory's addresses applied."""
+    from qemuca import transport
+
+    config = transport.load_ssh_config(ssh.ssh_config)
+
+    def connect(host):
+        entry = app.addresses.get(host)
+        if entry is None:
+            return transport.connect(host, ssh, config)
+        return transport.connect(host, ssh, config, hostname=entry.ssh_host, port=entry.ssh_port,
+                                 user=entry.ssh_user)
+
+    return connect
 
 
 def parallel_option(func):

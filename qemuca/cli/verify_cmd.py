@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from qemuca.cli.output import emit_json, json_option
-from qemuca.cli.remote import host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
+from qemuca.cli.remote import (connector, host_selection, parallel_option, run_with_progress,
+                               select_hosts, ssh_options)
 from qemuca.verify import DEFAULT_CERT_DIR, DEFAULT_PORT, DEFAULT_QEMU_CONF, DEFAULT_WARN_DAYS
 
 STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
@@ -81,7 +82,7 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
         return _finish([report], as_json, strict)
 
     reference = _reference(app)
-    connect = _connector(ssh)
+    connect = connector(app, ssh)
     if pair:
         from qemuca.names import host_name
 
@@ -114,11 +115,6 @@ def _reference(app):
     return Reference.from_store(store)
 
 
-def _connector(ssh):
-    from qemuca import transport
-
-    config = transport.load_ssh_config(ssh.ssh_config)
-    return lambda host: transport.connect(host, ssh, config)
 
 
 def _finish(reports, as_json, strict):

@@ -322,6 +322,21 @@ def test_inventory_with_limit(five, tmp_path):
     assert {r["result"] for r in got.values()} == {"unchanged"}
 
 
+def test_inventory_addresses_replace_ssh_config(five, tmp_path):
+    """ansible_host/ansible_port/ansible_user reach hosts no ssh_config names."""
+    inventory = tmp_path / "hosts.yml"
+    hosts = "".join(f"        {h.name}: {{ansible_host: 127.0.0.1, ansible_port: {h.port}}}\n"
+                    for h in five.fleet.hosts[:2])
+    inventory.write_text(f"all:\n  vars:\n    ansible_user: root\n  children:\n    hv:\n      hosts:\n{hosts}")
+    empty = tmp_path / "ssh_config"
+    empty.write_text("")
+    got = reports_of(assert_ok(run_qemuca(
+        five.home, "deploy", "--inventory", inventory, "--ssh-config", empty, "-i", five.fleet.identity,
+        "--known-hosts", five.fleet.known_hosts, "--json")))
+    assert list(got) == five.fleet.names[:2]
+    assert {r["result"] for r in got.values()} == {"unchanged"}
+
+
 def test_accept_new_host_key_adds_keys_then_strict_run_works(five, tmp_path):
     known = tmp_path / "known_hosts"
     known.write_text("")

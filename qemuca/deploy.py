@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 
 from cryptography import x509
 
-from qemuca import install, qemuconf
+from qemuca import install, profile, qemuconf
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
 
@@ -98,7 +98,7 @@ def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
     if fingerprint(cert) != creds.fingerprint_sha256:
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} is not the certificate deployed")
     bundle = x509.load_pem_x509_certificates(fs.read_bytes(posixpath.join(cert_dir, CA_BUNDLE)))
-    if not any(_issued_by(cert, ca) for ca in bundle):
+    if not any(profile.issued_by(cert, ca) for ca in bundle):
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} does not chain to {CA_BUNDLE}")
     key_path = posixpath.join(cert_dir, SERVER_KEY)
     if SERVER_KEY in creds.files:
@@ -110,16 +110,6 @@ def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
         matches = out.stdout == cert.public_key().public_bytes(serialization.Encoding.DER, spki)
     if not matches:
         raise install.InstallError(f"{cert_dir}/{SERVER_KEY} does not match the certificate")
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    from cryptography.exceptions import InvalidSignature
-
-    try:
-        cert.verify_directly_issued_by(ca)
-        return True
-    except (ValueError, TypeError, InvalidSignature):
-        return False
 
 
 def restart_daemon(conn) -> str:

@@ -40,13 +40,16 @@ def host_name(value: str) -> str:
         raise InvalidInput(f"invalid host name '{_shown(value)}': wildcards are not allowed")
     if "/" in name or "\\" in name:
         raise InvalidInput(f"invalid host name '{_shown(value)}': path characters are not allowed")
-    if _is_ip(name):
+    if is_ip(name):
         raise InvalidInput(
             f"invalid host name '{_shown(value)}': an IP address; use the host's DNS name "
             "and add the address with --san")
     if not name.isascii():
         name = _to_alabel(name, value)
     name = name.lower()
+    for label in name.split("."):
+        if label.startswith("xn--"):
+            _check_alabel(label, value)
     if len(name) > MAX_NAME:
         raise InvalidInput(f"invalid host name '{_shown(value)}': longer than {MAX_NAME} characters")
     for label in name.split("."):
@@ -79,7 +82,53 @@ def _to_alabel(name: str, original: str) -> str:
     return alabel
 
 
-def _is_ip(value: str) -> bool:
+def _check_alabel(label: str, original: str) -> None:
+    """An xn-- label typed in ASCII gets the checks its Unicode form would get."""
+    import idna
+
+    try:
+        ulabel = idna.decode(label)
+        canonical = idna.encode(ulabel, uts46=True, std3_rules=True).decode("ascii") == label
+    except (idna.IDNAError, UnicodeError) as e:
+        raise InvalidInput(f"invalid host name '{_shown(original)}': bad A-label '{label}': {e}") from None
+    if not canonical:
+        raise InvalidInput(f"invalid host name '{_shown(original)}': A-label '{label}' is not canonical")
+    problem = _confusable(ulabel)
+    if problem:
+        raise InvalidInput(f"invalid host name '{_shown(original)}': label '{_shown(ulabel)}' {problem}")
+
+
+# Letters of other scripts that look like Latin ones (after Chromium's IDN spoof checks):
+# a label written only with them reads as a Latin word it is not.
+_LATIN_LOOKALIKES = set("асԁеһіјӏорԛѕԝхуъьҽпгѵѡ" "αικνορτυχ")
+_CJK = ("CJK", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA", "HANGUL", "IDEOGRAPHIC", "BOPOMOFO")
+
+
+def _script(c: str) -> str:
+    import unicodedata
+
+    word = unicodedata.name(c, "UNKNOWN").split()[0]
+    if c.isascii() and not c.isalpha() or word in ("COMBINING", "MODIFIER"):
+        return ""  # digits, hyphen, marks: no script of their own
+    return "CJK" if word in _CJK else word
+
+
+def _confusable(ulabel: str) -> str:
+    """Why a Unicode label can pass for another name, or ''.
+
+    Refused: a label mixing scripts (Cyrillic 'а' among Latin letters), except CJK
+    with Latin; and a label written only with Latin look-alikes of another script.
+    """
+    scripts = {_script(c) for c in ulabel} - {""}
+    if len(scripts - {"CJK"}) > 1 or ("CJK" in scripts and len(scripts - {"CJK", "LATIN"}) > 0):
+        return f"mixes scripts ({', '.join(sorted(scripts)).lower()}): it can pass for another name"
+    letters = [c for c in ulabel if _script(c)]
+    if letters and scripts != {"LATIN"} and all(c in _LATIN_LOOKALIKES for c in letters):
+        return "is written only with letters that look Latin: it can pass for another name"
+    return ""
+
+
+def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
         return True
@@ -88,7 +137,21 @@ def _is_ip(value: str) -> bool:
 
 
 def san_value(value: str) -> Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]:
-    """A --san value: an IP address (for an iPAddress SAN) or a DNS name."""
-    if isinstance(value, str) and _is_ip(value.strip("[]")):
-        return ipaddress.ip_address(value.strip("[]"))
-    return host_name(value)
+    """A --san value: an IP address (for an iPAddress SAN; IPv6 maybe in brackets) or a
+    DNS name. Only an address a host can be reached at: no zone index (a certificate
+    cannot hold one), no unspecified or multicast address."""
+    if not isinstance(value, str):
+        return host_name(value)
+    bracketed = value.startswith("[") and value.endswith("]")
+    address = value[1:-1] if bracketed else value
+    if bracketed and not is_ip(address.split("%")[0]):
+        raise InvalidInput(f"invalid SAN '{_shown(value)}': brackets hold an IPv6 address only")
+    if "%" in address and is_ip(address.split("%")[0]):
+        raise InvalidInput(f"invalid SAN '{_shown(value)}': a certificate cannot hold an IPv6 zone "
+                           "index (%...)")
+    if not is_ip(address):
+        return host_name(value)
+    ip = ipaddress.ip_address(address)
+    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise InvalidInput(f"invalid SAN '{_shown(value)}': not an address a host is reached at")
+    return ip

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, ed448, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qemuca.errors import InvalidInput
+from qemuca.names import is_ip
 
 KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384")
 DEFAULT_CA_KEY_TYPE = "rsa3072"
@@ -259,7 +260,7 @@ def check_host(cert: x509.Certificate, now: Optional[dt.datetime] = None, warn_d
         found.append(Finding("extendedKeyUsage", FAIL, "missing " + "+".join(missing))
                      if missing else Finding("extendedKeyUsage", PASS, "serverAuth+clientAuth"))
     sans = sans_of(cert)
-    if not any(not _looks_ip(s) for s in sans):
+    if not any(not is_ip(s) for s in sans):
         found.append(Finding("subjectAltName", FAIL, "no dNSName SAN (names are matched on SANs)"))
     elif hostname is not None and hostname.lower() not in [s.lower() for s in sans]:
         found.append(Finding("subjectAltName", FAIL, f"{hostname} is not among {', '.join(sans)}"))
@@ -278,9 +279,14 @@ def _key_finding(cert: x509.Certificate) -> Finding:
     return Finding("key", FAIL, problem) if problem else Finding("key", PASS, describe_key(public))
 
 
-def _looks_ip(value: str) -> bool:
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether `ca` signed `cert` (names and signature)."""
+    from cryptography.exceptions import InvalidSignature
+
+    if cert.issuer != ca.subject:
+        return False
     try:
-        ipaddress.ip_address(value)
+        cert.verify_directly_issued_by(ca)
         return True
-    except ValueError:
+    except (ValueError, TypeError, InvalidSignature):
         return False

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import click
 
 from qemuca import profile
@@ -14,6 +17,7 @@ from qemuca.deploy import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF
 
 
 def host_layout_options(func):
+    """The options saying how credentials land on a host; the command gets `opts`."""
     options = [
         click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True,
                      help="Where QEMU reads its credentials on the hosts (created 0755)."),
@@ -35,20 +39,19 @@ def host_layout_options(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
 
+    @functools.wraps(func)
+    def wrapper(*args, cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
+                restart, force, **kw):
+        from qemuca.deploy import DeployOptions
 
-def _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
-                    restart, force, dry_run=False):
-    from qemuca.deploy import DeployOptions
+        kw["opts"] = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=not no_qemu_conf,
+                                   qemu_conf_path=qemu_conf_path, force_tls=force_tls,
+                                   default_dir=default_dir, restart=restart, force=force)
+        kw["opts"].tls_settings()  # validate --cert-dir before any connection
+        return func(*args, **kw)
 
-    opts = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=not no_qemu_conf,
-                         qemu_conf_path=qemu_conf_path, force_tls=force_tls,
-                         default_dir=default_dir, restart=restart, dry_run=dry_run, force=force)
-    opts.tls_settings()  # validate --cert-dir before any connection
-    return opts
-
-
+    return wrapper
 
 
 @click.command("deploy")
@@ -70,8 +73,7 @@ def _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, de
 @passphrase_file_option
 @json_option
 @click.pass_obj
-def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls,
-               default_dir, restart, force, issue_missing, key_type, crl_only, bundle_only, dry_run,
+def deploy_cmd(app, selection, ssh, opts, issue_missing, key_type, crl_only, bundle_only, dry_run,
                parallel, passphrase_file, as_json):
     """Put each host's QEMU credentials and qemu.conf TLS settings in place over SSH.
 
@@ -93,8 +95,7 @@ def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_pat
 
     if issue_missing and (crl_only or bundle_only):
         raise InvalidInput("--issue does not go with --crl-only or --bundle-only")
-    opts = _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
-                           restart, force, dry_run)
+    opts = dataclasses.replace(opts, dry_run=dry_run)
     hosts = select_hosts(app, selection)
     store = app.store()
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
@@ -132,8 +133,7 @@ def deploy_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_pat
 @passphrase_file_option
 @json_option
 @click.pass_obj
-def enroll_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls,
-               default_dir, restart, force, key_type, sans, days, replace_valid, parallel,
+def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, parallel,
                passphrase_file, as_json):
     """Enroll hosts: the key is made ON the host and never leaves it (recommended).
 
@@ -147,8 +147,6 @@ def enroll_cmd(app, selection, ssh, cert_dir, group, no_qemu_conf, qemu_conf_pat
     from qemuca.deploy import enroll_host, run_on_host
     from qemuca.names import san_value
 
-    opts = _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
-                           restart, force)
     for value in sans:
         san_value(value)  # refuse a bad --san before touching any host
     hosts = select_hosts(app, selection)

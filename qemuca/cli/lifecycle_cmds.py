@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from qemuca import profile
-from qemuca.cli.deploy_cmds import _deploy_options, host_layout_options
+from qemuca.cli.deploy_cmds import host_layout_options
 from qemuca.cli.options import passphrase_file_option, passphrase_source
 from qemuca.cli.output import emit_json, json_option, note, print_table
 from qemuca.cli.remote import (connector, host_selection, parallel_option, render_reports,
@@ -30,8 +30,7 @@ def _lifecycle_command(name, verb, doc):
     @passphrase_file_option
     @json_option
     @click.pass_obj
-    def command(app, selection, expiring_within, ssh, cert_dir, group, no_qemu_conf, qemu_conf_path,
-                force_tls, default_dir, restart, force, days, key_type, parallel, passphrase_file,
+    def command(app, selection, expiring_within, ssh, opts, days, key_type, parallel, passphrase_file,
                 as_json):
         from qemuca import ca, lifecycle
         from qemuca.deploy import run_on_host
@@ -39,8 +38,6 @@ def _lifecycle_command(name, verb, doc):
 
         if key_type and name == "renew":
             raise InvalidInput("renew keeps each host's key: use rekey for a new key type")
-        opts = _deploy_options(cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
-                               restart, force)
         store = app.store()
         names, hosts_file, inventory, _limit, all_hosts = selection
         explicit = bool(names or hosts_file or inventory or all_hosts)
@@ -190,7 +187,9 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
     if store.revoked():
         authority.write_crl()
-    opts = _deploy_options(cert_dir, group, True, "/etc/libvirt/qemu.conf", None, False, False, False)
+    from qemuca.deploy import DeployOptions
+
+    opts = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=False)
     hosts = [r.host for r in store.certificates("status = 'valid'")]
     connect = connector(app, ssh)
     reports = run_with_progress(

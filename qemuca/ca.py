@@ -119,7 +119,7 @@ def init_ca(home: str, *, common_name: str, organization: Optional[str], key_typ
 
 def _retire(store: Store) -> None:
     """Move an existing CA, index and CRL to retired/<time>/ (kept for recovery)."""
-    names = ["ca", "index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "crl.pem"]
+    names = ["ca", "ca-previous", "index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "crl.pem"]
     present = [n for n in names if os.path.lexists(os.path.join(store.home, n))]
     if not present:
         return
@@ -286,13 +286,17 @@ class CertificateAuthority:
 
     # -- revocation
     def revoke(self, host_or_serial: str, reason: str, crl_days: int = DEFAULT_CRL_DAYS) -> CertRecord:
+        """Revoke and re-sign the CRL in one transaction: a process killed in between
+        cannot leave a revoked certificate out of the CRL."""
         if reason not in REVOCATION_REASONS:
             raise InvalidInput(f"unknown reason '{reason}' (choose from {', '.join(REVOCATION_REASONS)})")
+        _check_crl_days(crl_days)
         record = self.store.find(host_or_serial)
-        self.key  # unlock first: a wrong passphrase must change nothing
-        revoked = self.store.revoke(record.serial, reason, profile.utcnow())
-        self.write_crl(crl_days)
-        return revoked
+        self._unlock_crl_signers([record])  # first: a wrong passphrase must change nothing
+        with self.store.write() as db:
+            self.store.revoke_in(db, record.serial, reason, profile.utcnow())
+            self._write_crl_in(db, crl_days)
+        return self.store.by_serial(record.serial)
 
     def write_crl(self, days: int = DEFAULT_CRL_DAYS) -> bytes:
         """Sign the CRL of every trusted CA and store them, concatenated, as crl.pem.
@@ -301,24 +305,33 @@ class CertificateAuthority:
         when certificates it issued are revoked. QEMU (GnuTLS) reads every CRL in
         ca-crl.pem.
         """
-        if days < 1:
-            raise InvalidInput("the CRL's next update must be at least 1 day away")
+        _check_crl_days(days)
+        self._unlock_crl_signers([])
+        with self.store.write() as db:
+            return self._write_crl_in(db, days)
+
+    def _crl_signers(self, revoked: Sequence[CertRecord]) -> List[Signer]:
+        return [s for s in self.trusted()
+                if s is self.current or any(r.ca_fingerprint == s.fingerprint for r in revoked)]
+
+    def _unlock_crl_signers(self, extra: Sequence[CertRecord]) -> None:
+        for signer in self._crl_signers(list(self.store.revoked()) + list(extra)):
+            signer.key  # unlock every key before the transaction
+
+    def _write_crl_in(self, db, days: int) -> bytes:
+        """The CRL of what the index holds now, read inside the caller's transaction, so
+        that two processes revoking at once cannot leave one revocation out."""
         now = profile.utcnow()
         revoked = self.store.revoked()
-        signers = [s for s in self.trusted()
-                   if s is self.current or any(r.ca_fingerprint == s.fingerprint for r in revoked)]
-        for signer in signers:
-            signer.key  # unlock every key first: a wrong passphrase must change nothing
-        with self.store.write() as db:
-            pems = []
-            for signer in signers:
-                number = self.store.next_crl_number(db)
-                mine = [r for r in revoked if r.ca_fingerprint == signer.fingerprint]
-                pems.append(_crl(signer, mine, number, now, days))
-            pem = b"".join(pems)
-            self.store.fs.write_atomic(self.store.crl_path, pem, 0o644)
-            self.store.audit(db, "crl", None, crl_number=number, next_update=iso(now + dt.timedelta(days=days)),
-                             revoked=len(revoked), issuers=len(pems))
+        pems = []
+        for signer in self._crl_signers(revoked):
+            number = self.store.next_crl_number(db)
+            mine = [r for r in revoked if r.ca_fingerprint == signer.fingerprint]
+            pems.append(_crl(signer, mine, number, now, days))
+        pem = b"".join(pems)
+        self.store.publish_crl(db, pem)
+        self.store.audit(db, "crl", None, crl_number=number, next_update=iso(now + dt.timedelta(days=days)),
+                         revoked=len(revoked), issuers=len(pems))
         return pem
 
 
@@ -381,6 +394,11 @@ def _unique_hosts(hosts: Sequence[str]) -> List[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+def _check_crl_days(days: int) -> None:
+    if days < 1:
+        raise InvalidInput("the CRL's next update must be at least 1 day away")
 
 
 def _check_days(days: int) -> None:

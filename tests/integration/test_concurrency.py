@@ -1,20 +1,24 @@
 """Many qemuca processes on one store at once: SQLite's lock must serialise them so that
-no host is issued twice, no serial repeats, and no row (certificate or audit) is lost."""
+no host is issued twice, no serial repeats, no row (certificate or audit) is lost, and
+the CRL written last still lists every revocation."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
 from cryptography import x509
 
 from qemuca.errors import EXIT_CONFLICT
-from tests.support.pki import assert_error, current, make_store, popen_qemuca
+from tests.support.pki import assert_error, current, make_store, popen_qemuca, run_qemuca
 
 WAIT_S = 120
+ISSUERS, PER_ISSUER = 16, 25
+VICTIMS = [f"victim{i}.qemu.test" for i in range(6)]
 
 
 def _finish(procs):
@@ -26,17 +30,34 @@ def _finish(procs):
     return out
 
 
-def test_parallel_issue_list_and_revoke(tmp_path):
-    home = make_store(tmp_path, hosts=["victim.qemu.test"])
-    victim = current(home, "victim.qemu.test").serial
-    batches = [[f"h{w}-{i}.qemu.test" for i in range(10)] for w in range(8)]
-    procs = [popen_qemuca(home, "issue", "--json", *hosts) for hosts in batches]
-    procs.insert(3, popen_qemuca(home, "list", "--json"))
-    procs.insert(6, popen_qemuca(home, "revoke", "victim.qemu.test", "--json"))
-    procs.append(popen_qemuca(home, "list", "--all", "--json"))
+def _crl_serials(home) -> Counter:
+    import re
+
+    data = (Path(home) / "crl.pem").read_bytes()
+    blocks = re.findall(rb"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----", data, re.S)
+    return Counter(format(e.serial_number, "x") for b in blocks for e in x509.load_pem_x509_crl(b))
+
+
+def test_sixteen_issuers_with_readers_revokers_and_crl_writers(tmp_path, capsys):
+    home = make_store(tmp_path, hosts=VICTIMS)  # passphrase-less CA, ECDSA P-256 keys
+    victims = {current(home, v).serial: v for v in VICTIMS}
+    batches = [[f"h{w:02d}-{i:02d}.qemu.test" for i in range(PER_ISSUER)] for w in range(ISSUERS)]
+    # Interleaved so that readers, revokers and CRL writers run while the issuers do.
+    plan = []
+    for w, hosts in enumerate(batches):
+        plan.append(("issue", "--json", *hosts))
+        if w % 3 == 0:
+            plan.append(("list", "--json") if w % 2 == 0 else ("list", "--all", "--json"))
+        if w < len(VICTIMS):
+            plan.append(("revoke", VICTIMS[w], "--json"))
+        if w % 5 == 1:
+            plan.append(("crl", "--json"))
+    start = time.monotonic()
+    procs = [popen_qemuca(home, *args) for args in plan]
     results = _finish(procs)
-    for code, stdout, stderr in results:
-        assert code == 0 and "Traceback" not in stderr, stderr
+    wall = time.monotonic() - start
+    for args, (code, stdout, stderr) in zip(plan, results):
+        assert code == 0 and "Traceback" not in stderr, (args, stderr)
         json.loads(stdout)  # every reader saw a consistent index
 
     wanted = {h for hosts in batches for h in hosts}
@@ -48,20 +69,33 @@ def test_parallel_issue_list_and_revoke(tmp_path):
     finally:
         db.close()
     hosts = Counter(r[1] for r in rows)
-    assert set(hosts) == wanted | {"victim.qemu.test"}
+    duplicates = sum(n - 1 for n in hosts.values()) + (len(rows) - len({r[0] for r in rows}))
+    assert set(hosts) == wanted | set(VICTIMS)
     assert all(n == 1 for n in hosts.values())  # every host issued exactly once
-    assert len({r[0] for r in rows}) == len(rows) == 81  # no serial twice
-    assert len({r[3] for r in rows}) == 81
+    assert len({r[0] for r in rows}) == len(rows) == ISSUERS * PER_ISSUER + len(VICTIMS)  # no serial twice
+    assert len({r[3] for r in rows}) == len(rows)
     for serial, _host, _status, _fp, pem in rows:
         assert format(x509.load_pem_x509_certificate(pem.encode()).serial_number, "x") == serial
-    assert {r[1]: r[2] for r in rows}["victim.qemu.test"] == "revoked"
+    assert {r[1] for r in rows if r[2] == "revoked"} == set(VICTIMS)
     # One audit row per change, none lost.
-    issued = Counter(subject for action, subject, _ in audit if action == "issue")
-    assert set(issued) == wanted | {"victim.qemu.test"} and set(issued.values()) == {1}
-    assert Counter(a for a, _, _ in audit) == Counter({"issue": 81, "init": 1, "revoke": 1, "crl": 1})
-    assert {json.loads(d)["serial"] for a, _, d in audit if a == "issue"} == {r[0] for r in rows}
-    crl = x509.load_pem_x509_crl((Path(home) / "crl.pem").read_bytes())
-    assert [format(r.serial_number, "x") for r in crl] == [victim]
+    issued = Counter(json.loads(d)["serial"] for a, _, d in audit if a == "issue")
+    assert set(issued) == {r[0] for r in rows} and set(issued.values()) == {1}
+    crl_runs = sum(1 for args in plan if args[0] == "crl")
+    assert Counter(a for a, _, _ in audit) == Counter(
+        {"issue": len(rows), "init": 1, "revoke": len(VICTIMS), "crl": len(VICTIMS) + crl_runs})
+    assert {json.loads(d)["serial"] for a, _, d in audit if a == "revoke"} == set(victims)
+    # Each revoke re-signed the CRL inside its own transaction: the last one lists them all.
+    assert _crl_serials(home) == Counter(set(victims))
+
+    doctor = run_qemuca(home, "doctor", "--strict", "--json")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    report = json.loads(doctor.stdout)
+    assert report["result"] == "pass"
+    with capsys.disabled():
+        print(f"\nconcurrency: {len(plan)} processes ({ISSUERS} issue x {PER_ISSUER} hosts, "
+              f"{sum(a[0] == 'list' for a in plan)} list, {len(VICTIMS)} revoke, {crl_runs} crl); "
+              f"{len(rows)} certificates, {len(audit)} audit rows, duplicates = {duplicates}; "
+              f"doctor {report['result']}; wall time {wall:.1f} s")
 
 
 def test_the_same_host_twice_at_once_has_one_winner(tmp_path):

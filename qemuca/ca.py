@@ -357,10 +357,12 @@ def _crl(signer: Signer, revoked: Sequence[CertRecord], number: int, now: dt.dat
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    from qemuca.certinfo import PARSE_ERRORS
+
     try:
         csr = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data
                else x509.load_der_x509_csr(data))
-    except ValueError:
+    except PARSE_ERRORS:
         raise InvalidInput("not a valid certificate signing request (PEM or DER)") from None
     try:
         valid = csr.is_signature_valid
@@ -369,6 +371,10 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         raise InvalidInput("the CSR uses an unsupported key or signature algorithm") from None
     if not valid:
         raise InvalidInput("the CSR's signature does not verify")
+    try:
+        csr.subject.rfc4514_string()
+    except PARSE_ERRORS:
+        raise InvalidInput("the CSR's subject is malformed") from None
     problem = profile.key_problem(public)
     if problem:
         raise InvalidInput(f"CSR refused: {problem}")

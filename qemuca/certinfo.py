@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import unicodedata
 from typing import List, Optional, Tuple
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
 from qemuca import profile
@@ -17,6 +19,19 @@ from qemuca.errors import InvalidInput
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
 MAX_PEM = 1 << 20
+
+# What cryptography raises for malformed DER besides ValueError: found by fuzzing
+# (tests/core/test_fuzz_readers.py). Its parsers are lazy, so these can come from any
+# attribute access on a loaded object, not only from load_*.
+PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
+                x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def printable(text: str) -> str:
+    """Text from a certificate, safe to print: control and invisible characters escaped
+    (a hostile subject must not drive the terminal or fake a line)."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs") else c for c in text)
 
 
 def read_pem_blocks(data: bytes, source: str) -> List[Tuple[str, bytes]]:
@@ -36,7 +51,7 @@ def load_certificates(data: bytes, source: str) -> List[x509.Certificate]:
             continue
         try:
             certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError:
+        except PARSE_ERRORS:
             raise InvalidInput(f"{source} holds a corrupt certificate") from None
     if not certs:
         raise InvalidInput(f"{source} holds no certificate")
@@ -50,10 +65,10 @@ def describe_certificate(cert: x509.Certificate, now: Optional[dt.datetime] = No
     return {
         "kind": "certificate",
         "role": role,
-        "subject": cert.subject.rfc4514_string(),
-        "issuer": cert.issuer.rfc4514_string(),
+        "subject": printable(cert.subject.rfc4514_string()),
+        "issuer": printable(cert.issuer.rfc4514_string()),
         "serial": format(cert.serial_number, "x"),
-        "sans": profile.sans_of(cert),
+        "sans": [printable(s) for s in profile.sans_of(cert)],
         "not_before": cert.not_valid_before_utc.isoformat(),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "days_left": (cert.not_valid_after_utc - now).days,
@@ -93,18 +108,18 @@ def _extension_text(ext: x509.Extension) -> str:
         text = (value.key_identifier or b"").hex()
     else:
         text = type(value).__name__
-    return f"{name}{' (critical)' if ext.critical else ''}: {text}"
+    return printable(f"{name}{' (critical)' if ext.critical else ''}: {text}")
 
 
 def describe_pem(data: bytes, source: str, now: Optional[dt.datetime] = None) -> List[dict]:
-    """One description per PEM block: certificates, CSRs, CRLs and keys."""
-    from cryptography.exceptions import UnsupportedAlgorithm
+    """One description per PEM block: certificates, CSRs, CRLs and keys.
 
+    Whatever the bytes, the only exception is InvalidInput."""
     out = []
     for label, block in read_pem_blocks(data, source):
         try:
             out.append(_describe_block(label, block, now))
-        except (ValueError, UnsupportedAlgorithm):
+        except PARSE_ERRORS:
             raise InvalidInput(f"{source} holds a corrupt or unsupported {label.lower()}") from None
     return out
 
@@ -115,13 +130,13 @@ def _describe_block(label: str, block: bytes, now) -> dict:
     if label in ("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"):
         csr = x509.load_pem_x509_csr(block)
         problem = profile.key_problem(csr.public_key())
-        return {"kind": "csr", "subject": csr.subject.rfc4514_string(),
+        return {"kind": "csr", "subject": printable(csr.subject.rfc4514_string()),
                 "key": profile.describe_key(csr.public_key()),
                 "signature_valid": csr.is_signature_valid, "key_acceptable": problem is None,
                 "problem": problem}
     if label == "X509 CRL":
         crl = x509.load_pem_x509_crl(block)
-        return {"kind": "crl", "issuer": crl.issuer.rfc4514_string(),
+        return {"kind": "crl", "issuer": printable(crl.issuer.rfc4514_string()),
                 "last_update": crl.last_update_utc.isoformat(),
                 "next_update": crl.next_update_utc.isoformat() if crl.next_update_utc else None,
                 "revoked_serials": [format(r.serial_number, "x") for r in crl]}

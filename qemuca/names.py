@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Union
+from typing import Optional, Union
 
 from qemuca.errors import InvalidInput
 
@@ -155,3 +155,20 @@ def san_value(value: str) -> Union[str, ipaddress.IPv4Address, ipaddress.IPv6Add
     if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
         raise InvalidInput(f"invalid SAN '{_shown(value)}': not an address a host is reached at")
     return ip
+
+
+MAX_SUBJECT_TEXT = 64  # RFC 5280 upper bound of a CN and of an O
+
+
+def subject_text(option: str, value: Optional[str]) -> Optional[str]:
+    """A CA's --cn / --org: 1 to 64 characters, none of them control or invisible (the
+    name is printed by every tool that shows the CA)."""
+    import unicodedata
+
+    if value is None:
+        return None
+    if not value.strip() or len(value) > MAX_SUBJECT_TEXT:
+        raise InvalidInput(f"{option} '{_shown(value)}' must hold 1 to {MAX_SUBJECT_TEXT} characters")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs") for c in value):
+        raise InvalidInput(f"{option} '{_shown(value)}' holds control or invisible characters")
+    return value

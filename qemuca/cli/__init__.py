@@ -35,8 +35,10 @@ COMMANDS = {
     "ca": ("qemuca.cli.lifecycle_cmds", "ca_group", "CA status and rollover to a new CA."),
     "rollback": ("qemuca.cli.deploy_cmds", "rollback_cmd", "Switch hosts back to their previous credentials."),
     "verify": ("qemuca.cli.verify_cmd", "verify_cmd", "Check hosts' QEMU TLS set-up, or a migration pair."),
+    "probe": ("qemuca.cli.probe_cmd", "probe_cmd", "Run a real encrypted test migration between hosts."),
     "check": ("qemuca.cli.monitor_cmds", "check_cmd", "Monitoring check: exit 0/1/2 (OK/WARNING/CRITICAL)."),
     "metrics": ("qemuca.cli.monitor_cmds", "metrics_cmd", "Write Prometheus metrics for node_exporter."),
+    "doctor": ("qemuca.cli.doctor_cmd", "doctor_cmd", "Check the store's integrity (index, files, CA)."),
 }
 
 _debug = False
@@ -96,20 +98,40 @@ def cli(ctx, home, debug):
     ctx.obj = AppContext(home=home, debug=debug)
 
 
+def _one_line(message: str) -> str:
+    """The message as one printable line: a newline becomes a space, other control and
+    invisible characters (CR, ESC, bidi overrides...) are shown escaped, so a hostile
+    name or path can neither split the line nor drive the terminal."""
+    import unicodedata
+
+    def shown(c: str) -> str:
+        if c == "\n":
+            return " "
+        if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            return c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        return c
+
+    return "".join(map(shown, message))
+
+
 def _fail(message: str, code: int):
-    click.echo(f"qemuca: error: {message}", err=True)
+    click.echo(f"qemuca: error: {_one_line(message)}", err=True)
     sys.exit(code)
 
 
 def main(argv=None):
     from qemuca import errors
 
+    if not sys.warnoptions:  # library warnings (a parsed certificate's oddities) are not errors
+        import warnings
+
+        warnings.simplefilter("ignore")
     try:
         rv = cli.main(args=argv, prog_name="qemuca", standalone_mode=False)
     except errors.QemucaError as e:
         if _debug:
             raise
-        _fail(" ".join(str(e).split("\n")), e.exit_code)
+        _fail(str(e), e.exit_code)
     except click.exceptions.Abort:
         _fail("aborted", errors.EXIT_INTERRUPTED)
     except click.UsageError as e:

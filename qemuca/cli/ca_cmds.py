@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 import click
 
 from qemuca import ca, profile
 from qemuca.cli.options import (days_option, hosts_file_option, hosts_from,
-                                passphrase_file_option, passphrase_source)
+                                passphrase_file_option, passphrase_source, read_passphrase)
 from qemuca.cli.output import emit_json, json_option, note, print_table
 
 
 def _open_ca(app, passphrase_file):
     return ca.CertificateAuthority(app.store(), passphrase_source(passphrase_file))
+
+
+def _check_out(out):
+    """Refuse an --out whose directory is missing or not writable, before any change."""
+    if not out:
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise OSError(errno.ENOENT, "no such directory", parent)
+    if not os.access(parent, os.W_OK):
+        raise OSError(errno.EACCES, "directory not writable", parent)
+
+
+def _write_out(out, data: bytes):
+    from qemuca.fs import LocalFS
+
+    path = os.path.abspath(out)
+    try:
+        LocalFS().write_atomic(path, data, 0o644)
+    except OSError as e:  # name the file asked for, not the temp file beside it
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 @click.command("init")
@@ -40,7 +63,10 @@ def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no
     asked twice on the terminal.
     """
     from qemuca.errors import InvalidInput, PassphraseError
+    from qemuca.names import subject_text
 
+    subject_text("--cn", common_name)  # before anything is made: the CA's name is final
+    subject_text("--org", organization)
     if no_passphrase and passphrase_file:
         source = click.get_current_context().get_parameter_source("passphrase_file")
         if source != click.core.ParameterSource.ENVIRONMENT:
@@ -48,7 +74,7 @@ def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no
         passphrase_file = None  # an explicit --no-passphrase wins over QEMUCA_PASSPHRASE_FILE
     passphrase = None
     if passphrase_file:
-        passphrase = ca.read_passphrase_file(passphrase_file)
+        passphrase = read_passphrase(passphrase_file)
     elif not no_passphrase:
         if not sys.stdin.isatty():
             raise PassphraseError("no terminal to ask for a passphrase: give --passphrase-file, "
@@ -133,19 +159,14 @@ def sign_cmd(app, csr_file, host, sans, days, force, out, passphrase_file, as_js
     Extensions requested in the CSR are ignored: the QEMU profile decides them.
     The certificate is printed (PEM) unless --json or --out is given.
     """
-    from qemuca.errors import InvalidInput
-    from qemuca.fs import LocalFS
+    from qemuca.certinfo import MAX_PEM
+    from qemuca.hostlist import read_user_file
 
-    try:
-        with open(csr_file, "rb") as f:
-            data = f.read(1 << 20)
-    except OSError as e:
-        raise InvalidInput(f"cannot read {csr_file}: {e.strerror}") from None
+    data = read_user_file(csr_file, "CSR file", MAX_PEM)
+    _check_out(out)  # before signing: a bad --out must not leave a recorded certificate behind
     issued = _open_ca(app, passphrase_file).sign(data, host, sans, days or profile.DEFAULT_HOST_DAYS, force)
     if out:
-        import os
-
-        LocalFS().write_atomic(os.path.abspath(out), issued.record.cert_pem.encode(), 0o644)
+        _write_out(out, issued.record.cert_pem.encode())
     if as_json:
         emit_json(dict(issued.record.as_dict(with_pem=True), replaced=issued.replaced))
     elif not out:
@@ -196,15 +217,12 @@ def crl_cmd(app, out, days, passphrase_file, as_json):
     Re-run before the next update date and redeploy it: a CRL past its next update
     is reported by 'qemuca verify'. Prints the PEM unless --out or --json is given.
     """
-    import os
-
     from cryptography import x509
 
-    from qemuca.fs import LocalFS
-
+    _check_out(out)  # before signing: a bad --out must not change the store
     pem = _open_ca(app, passphrase_file).write_crl(days)
     if out:
-        LocalFS().write_atomic(os.path.abspath(out), pem, 0o644)
+        _write_out(out, pem)
     crl = x509.load_pem_x509_crl(pem)
     if as_json:
         emit_json({"path": app.store().crl_path, "revoked": len(crl),

@@ -88,18 +88,16 @@ def inspect_cmd(pem_file, as_json):
     """Describe a PEM file and check certificates against what QEMU demands.
 
     Works on certificates (a bundle too), CSRs, CRLs and keys (type only; key
-    material is never printed). Exit code 1 when a certificate fails a check.
+    material is never printed). Exit code 1 when a certificate fails a check or a
+    CSR would be refused by 'qemuca sign' (bad signature, weak key).
     """
-    from qemuca.certinfo import describe_pem
-    from qemuca.errors import InvalidInput
+    from qemuca.certinfo import MAX_PEM, describe_pem
+    from qemuca.hostlist import read_user_file
 
-    try:
-        with open(pem_file, "rb") as f:
-            data = f.read((1 << 20) + 1)
-    except OSError as e:
-        raise InvalidInput(f"cannot read {pem_file}: {e.strerror}") from None
-    items = describe_pem(data, pem_file)
-    failed = any(item.get("conforms") is False for item in items)
+    items = describe_pem(read_user_file(pem_file, "PEM file", MAX_PEM), pem_file)
+    # A CSR that 'qemuca sign' would refuse fails like a non-conforming certificate.
+    failed = any(item.get("conforms") is False or item.get("signature_valid") is False
+                 or item.get("key_acceptable") is False for item in items)
     if as_json:
         emit_json(items)
     else:

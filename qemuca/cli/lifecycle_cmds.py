@@ -135,7 +135,10 @@ def rollover_start_cmd(app, common_name, organization, key_type, days, passphras
     when the current key is not). Next: 'qemuca deploy --bundle-only --all'.
     """
     from qemuca import ca, lifecycle
+    from qemuca.names import subject_text
 
+    common_name = subject_text("--cn", common_name)
+    organization = subject_text("--org", organization)
     store = app.store()
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
     encrypted = b"ENCRYPTED" in open(store.ca_key_path, "rb").read(64)

@@ -15,14 +15,31 @@ passphrase_file_option = click.option(
 )
 
 
+def read_passphrase(path) -> bytes:
+    """The passphrase from a file, refusing a FIFO or device first: reading one would
+    block (or never end) before any mode check could help."""
+    import os
+    import stat
+
+    from qemuca.ca import read_passphrase_file
+    from qemuca.errors import PassphraseError
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # missing or unreadable: read_passphrase_file says which
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise PassphraseError(f"passphrase file {path} is not a regular file")
+    return read_passphrase_file(path)
+
+
 def passphrase_source(path):
     """A callable giving the CA passphrase: from the file, else asked on the terminal."""
-    from qemuca.ca import read_passphrase_file
     from qemuca.errors import PassphraseError
 
     def get() -> bytes:
         if path:
-            return read_passphrase_file(path)
+            return read_passphrase(path)
         if not sys.stdin.isatty():
             raise PassphraseError("the CA key is encrypted and there is no terminal to ask: "
                                   "give --passphrase-file or QEMUCA_PASSPHRASE_FILE")

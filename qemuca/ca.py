@@ -97,6 +97,7 @@ def init_ca(home: str, *, common_name: str, organization: Optional[str], key_typ
     key = profile.generate_key(key_type)
     cert = profile.build_ca_certificate(key, profile.ca_name(common_name, organization), days)
 
+    _make_parents(os.path.dirname(store.home))
     os.makedirs(store.home, mode=0o700, exist_ok=True)
     os.chmod(store.home, 0o700)
     _retire(store)
@@ -115,6 +116,15 @@ def init_ca(home: str, *, common_name: str, organization: Optional[str], key_typ
     # leaves no half CA, only leftovers that the next init sets aside.
     os.rename(staging, store.ca_dir)
     return store
+
+
+def _make_parents(path: str) -> None:
+    """Missing parent directories, each 0755 whatever the umask (never world-writable)."""
+    if os.path.isdir(path):
+        return
+    _make_parents(os.path.dirname(path))
+    os.mkdir(path, 0o755)
+    os.chmod(path, 0o755)
 
 
 def _retire(store: Store) -> None:

@@ -119,6 +119,14 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
+def _traceback_if_debug() -> None:
+    """With --debug, the traceback goes first; the exit code stays the documented one."""
+    if _debug:
+        import traceback
+
+        traceback.print_exc()
+
+
 def main(argv=None):
     from qemuca import errors
 
@@ -129,8 +137,7 @@ def main(argv=None):
     try:
         rv = cli.main(args=argv, prog_name="qemuca", standalone_mode=False)
     except errors.QemucaError as e:
-        if _debug:
-            raise
+        _traceback_if_debug()
         _fail(str(e), e.exit_code)
     except click.exceptions.Abort:
         _fail("aborted", errors.EXIT_INTERRUPTED)
@@ -142,13 +149,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         _fail("interrupted", errors.EXIT_INTERRUPTED)
     except OSError as e:
-        if _debug:
-            raise
+        _traceback_if_debug()
         where = f": {e.filename}" if e.filename else ""
         _fail(f"{e.strerror or e}{where}", errors.EXIT_IO)
     except Exception as e:  # a bug: still one line, the traceback only with --debug
-        if _debug:
-            raise
+        _traceback_if_debug()
         _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug and report it)",
               errors.EXIT_INTERNAL)
     sys.exit(rv if isinstance(rv, int) else 0)

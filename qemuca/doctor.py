@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
 from qemuca import profile
@@ -336,7 +335,7 @@ class _Doctor:
     def issuer_of(self, cert: x509.Certificate, hint: str) -> Optional[KnownCA]:
         first = [self.cas[hint]] if hint in self.cas else []
         for known in first + [k for k in self.cas.values() if k.fingerprint != hint]:
-            if _issued_by(cert, known.cert):
+            if profile.issued_by(cert, known.cert):
                 return known
         return None
 
@@ -502,16 +501,6 @@ def _retired_cas(home: str) -> List[Tuple[str, x509.Certificate]]:
             except (OSError, ValueError):
                 continue
     return out
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    if cert.issuer != ca.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(ca)
-        return True
-    except (ValueError, TypeError, InvalidSignature):
-        return False
 
 
 def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:

@@ -71,3 +71,25 @@ def print_fields(title, pairs) -> None:
 
 def is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+RESULT_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def print_checks(title: str, result: str, checks) -> None:
+    """One table of checks (each with check, result, detail and fix), titled with the
+    overall result: verify's per-host reports and probe's pair reports."""
+    from rich.table import Table
+    from rich.text import Text
+
+    heading = Text(f"{title}: ")
+    heading.append(result.upper(), style=RESULT_STYLE[result])
+    table = Table(title=heading, title_justify="left")
+    for col in ("check", "result", "detail"):
+        table.add_column(col, overflow="fold")
+    for c in checks:
+        detail = Text(c.detail)
+        if c.fix:
+            detail.append(f"\nfix: {c.fix}", style="italic")
+        table.add_row(Text(c.check), Text(c.result, style=RESULT_STYLE[c.result]), detail)
+    console().print(table)

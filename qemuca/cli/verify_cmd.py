@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-from qemuca.cli.output import emit_json, json_option
+from qemuca.cli.output import emit_json, json_option, print_checks
 from qemuca.cli.remote import (connector, host_selection, parallel_option, run_with_progress,
                                select_hosts, ssh_options)
 from qemuca.verify import DEFAULT_CERT_DIR, DEFAULT_PORT, DEFAULT_QEMU_CONF, DEFAULT_WARN_DAYS
 
-STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
 
 @click.command("verify")
@@ -134,20 +133,4 @@ def _exit(reports, strict):
 
 
 def _table(title, report):
-    from rich.table import Table
-    from rich.text import Text
-
-    from qemuca.cli.output import console
-
-    result = report.result
-    heading = Text(f"{title}: ")
-    heading.append(result.upper(), style=STYLE[result])
-    table = Table(title=heading, title_justify="left")
-    for col in ("check", "result", "detail"):
-        table.add_column(col, overflow="fold")
-    for c in report.checks:
-        detail = Text(c.detail)
-        if c.fix:
-            detail.append(f"\nfix: {c.fix}", style="italic")
-        table.add_row(Text(c.check), Text(c.result, style=STYLE[c.result]), detail)
-    console().print(table)
+    print_checks(title, report.result, report.checks)

@@ -122,3 +122,19 @@ def test_revocation_rollout_cuts_the_revoked_source(cluster):
     assert cluster.migrate(h2, h1).completed
     # QEMU's source side never reads a CRL: the revoked host can still receive.
     assert cluster.migrate(h1, h4).completed
+
+
+def test_rollover_without_the_revoked_host_cuts_it_off_both_ways(cluster):
+    h1, h2, h3, h4 = cluster.fleet.names
+    cluster.q("revoke", h4, "--reason", "key-compromise")
+    cluster.remote("deploy", "--crl-only", "--all")
+    assert cluster.migrate(h1, h4).completed  # a source never reads a CRL: h4 still receives
+    cluster.q("ca", "rollover", "start")
+    cluster.remote("deploy", "--bundle-only", "--all")
+    proc = cluster.remote("rekey", "--all", "--json")
+    assert sorted(r["host"] for r in json.loads(proc.stdout)) == sorted([h1, h2, h3])  # not h4
+    cluster.remote("ca", "rollover", "finish")
+    for src, dst in ((h1, h4), (h4, h1), (h3, h4)):
+        result = cluster.migrate(src, dst)
+        assert not result.completed, f"{src} -> {dst} must fail once the old CA is gone"
+    cluster.assert_all_pairs_migrate([h1, h2, h3])

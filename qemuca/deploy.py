@@ -85,24 +85,26 @@ def resolve_group(conn, doc: Optional[qemuconf.Document], wanted: Optional[str])
 
 
 def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
-    """Read the files back through their names: our certificate, chained to the CA, with its key.
+    """What the names give QEMU now: our certificate, chained to the CA, with its key.
 
-    A key made on the host is compared there (public key out of `openssl pkey`), so
-    it never travels.
+    install() has just compared every byte behind the names with `creds` (read back
+    through them after the switch, or as the set found in place), so the checks run on
+    those bytes rather than reading them over the network again. A key made on the host
+    is compared there (public key out of `openssl pkey`), so it never travels.
     """
     from cryptography.hazmat.primitives import serialization
 
     from qemuca.ca import fingerprint
 
-    cert = x509.load_pem_x509_certificate(fs.read_bytes(posixpath.join(cert_dir, SERVER_CERT)))
+    cert = x509.load_pem_x509_certificate(creds.files[SERVER_CERT])
     if fingerprint(cert) != creds.fingerprint_sha256:
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} is not the certificate deployed")
-    bundle = x509.load_pem_x509_certificates(fs.read_bytes(posixpath.join(cert_dir, CA_BUNDLE)))
+    bundle = x509.load_pem_x509_certificates(creds.files[CA_BUNDLE])
     if not any(profile.issued_by(cert, ca) for ca in bundle):
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} does not chain to {CA_BUNDLE}")
     key_path = posixpath.join(cert_dir, SERVER_KEY)
     if SERVER_KEY in creds.files:
-        public = serialization.load_pem_private_key(fs.read_bytes(key_path), None).public_key()
+        public = serialization.load_pem_private_key(creds.files[SERVER_KEY], None).public_key()
         matches = public.public_numbers() == cert.public_key().public_numbers()
     else:
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -110,6 +112,19 @@ def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
         matches = out.stdout == cert.public_key().public_bytes(serialization.Encoding.DER, spki)
     if not matches:
         raise install.InstallError(f"{cert_dir}/{SERVER_KEY} does not match the certificate")
+
+
+def sync_host(conn, cert_dir: str, creds: CredentialSet, conf_dir: Optional[str]) -> None:
+    """Make the renames durable: fsync the set's files and the directories that changed
+    (coreutils `sync FILE...`). A plain `sync` flushes every file system of the host,
+    which on a hypervisor busy writing VM disks can take minutes; it is the fallback
+    where `sync` takes no arguments."""
+    state = posixpath.join(cert_dir, install.STATE_DIR)
+    sets = posixpath.join(state, install.SETS)
+    paths = [posixpath.join(sets, creds.set_id, n) for n in sorted(creds.names)]
+    paths += [posixpath.join(sets, creds.set_id), sets, state, cert_dir] + ([conf_dir] if conf_dir else [])
+    if not conn.run(["sync", "--", *paths]).ok:
+        conn.run(["sync"])
 
 
 def restart_daemon(conn) -> str:
@@ -168,6 +183,7 @@ def _switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, modes,
     try:
         check_landed(conn, fs, opts.cert_dir, creds)
         report.actions += placed.actions
+        conf_dir = None
         if opts.qemu_conf:
             settings = opts.tls_settings()
             edit = qemuconf.edit_file(fs, opts.qemu_conf_path, lambda d: qemuconf.apply_tls(d, settings))
@@ -175,9 +191,10 @@ def _switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, modes,
                 report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
                 report.actions.append(f"updated {edit.path} (backup {edit.backup})")
                 report.restart_needed = True
+                conf_dir = posixpath.dirname(edit.path)
         if then is not None:
             then()
-        conn.run(["sync"])
+        sync_host(conn, opts.cert_dir, creds, conf_dir)
     except BaseException:
         if placed.changed and placed.previous_id:
             try:

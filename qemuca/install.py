@@ -79,17 +79,20 @@ class CertDir:
     def previous_id(self) -> Optional[str]:
         return self._pointer(PREVIOUS)
 
-    def foreign_names(self) -> List[str]:
-        """Layout names present in the dir that are not qemuca's links."""
-        foreign = []
+    def scan(self) -> Dict[str, Optional[str]]:
+        """The layout names present in the dir: name -> link target (None: not a link)."""
+        found: Dict[str, Optional[str]] = {}
         for name in ALL_FILES:
             path = posixpath.join(self.path, name)
             st = self.fs.stat(path, follow=False)
-            if st is None:
-                continue
-            if not (st.is_link and self.fs.readlink(path) == link_target(name)):
-                foreign.append(name)
-        return foreign
+            if st is not None:
+                found[name] = self.fs.readlink(path) if st.is_link else None
+        return found
+
+    def foreign_names(self, scan: Optional[Dict[str, Optional[str]]] = None) -> List[str]:
+        """Layout names present in the dir that are not qemuca's links."""
+        scan = self.scan() if scan is None else scan
+        return [n for n in ALL_FILES if n in scan and scan[n] != link_target(n)]
 
     def set_names(self, set_id: str) -> List[str]:
         """The layout names a stored set holds (files or in-set links)."""
@@ -123,28 +126,30 @@ class CertDir:
                 return False
         return True
 
-    def links_match(self, names) -> bool:
-        for name in ALL_FILES:
-            path = posixpath.join(self.path, name)
-            st = self.fs.stat(path, follow=False)
-            present = st is not None and st.is_link and self.fs.readlink(path) == link_target(name)
-            if (name in names) != present or (name not in names and st is not None):
-                return False
-        return True
+    def links_match(self, names, scan: Optional[Dict[str, Optional[str]]] = None) -> bool:
+        """Exactly `names` are present, each as qemuca's link."""
+        scan = self.scan() if scan is None else scan
+        return set(scan) == set(names) and all(scan[n] == link_target(n) for n in names)
 
     def landed_as(self, creds: CredentialSet) -> bool:
-        """Every name of the set resolves, with the expected bytes where they are known."""
+        """Every name of the set resolves, with the expected bytes where they are known;
+        no other layout name resolves."""
         for name in ALL_FILES:
             path = posixpath.join(self.path, name)
-            if (self.fs.stat(path) is not None) != (name in creds.names):
-                return False
-            if name in creds.files and _sha(self.fs.read_bytes(path)) != _sha(creds.files[name]):
+            if name in creds.files:
+                try:
+                    if _sha(self.fs.read_bytes(path)) != _sha(creds.files[name]):
+                        return False
+                except FileNotFoundError:  # missing, or a link that dangles
+                    return False
+            elif (self.fs.stat(path) is not None) != (name in creds.names):
                 return False
         return True
 
 
-def _unchanged(target: CertDir, creds: CredentialSet, modes: Modes) -> bool:
-    return (target.current_id() == creds.set_id and target.links_match(creds.names)
+def _unchanged(target: CertDir, creds: CredentialSet, modes: Modes,
+               scan: Optional[Dict[str, Optional[str]]] = None) -> bool:
+    return (target.current_id() == creds.set_id and target.links_match(creds.names, scan)
             and target.set_intact(creds, modes))
 
 
@@ -208,12 +213,14 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
             now: Optional[Callable[[], dt.datetime]] = None) -> InstallResult:
     """Stage, read back, switch, read back again; foreign files need `force`."""
     target = prepare(fs, cert_dir, modes)
-    foreign = target.foreign_names()
+    names = target.scan()
+    foreign = target.foreign_names(names)
     if foreign and not force:
         raise Conflict(f"{cert_dir} holds files qemuca did not write ({', '.join(foreign)}); "
                        "use --force to replace them (they are kept for rollback)")
     set_id = creds.set_id
-    if not foreign and _unchanged(target, creds, modes):
+    if not foreign and _unchanged(target, creds, modes, names):
+        _finish_clean_up(target)
         return InstallResult(changed=False, set_id=set_id, previous_id=target.previous_id())
     fs.makedirs(target.sets, 0o755)
 
@@ -228,7 +235,7 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
 
     # Every name the new set has links into `current` before the switch (a new name
     # dangles until then, which QEMU takes as absent), so one rename switches them all.
-    _add_links(target, creds.names)
+    _add_links(target, creds.names, None if foreign else names)
     if old_id and old_id != set_id:
         _point(target, PREVIOUS, old_id)  # harmless alone
     _point(target, CURRENT, set_id)  # the switch
@@ -273,8 +280,8 @@ def _write_set(target: CertDir, creds: CredentialSet, modes: Modes, manifest: by
         fs.rename(creds.key_on_host, posixpath.join(directory, SERVER_KEY))
     for name, source in CLIENT_LINKS.items():
         fs.symlink_atomic(source, posixpath.join(directory, name))
-    for name in fs.listdir(directory):
-        if name in ALL_FILES and name not in creds.names:  # leftover of an interrupted attempt
+    for name in fs.listdir(directory):  # leftovers of an interrupted attempt at this set
+        if (name in ALL_FILES and name not in creds.names) or TEMP_MARK in name:
             fs.remove(posixpath.join(directory, name))
     fs.write_atomic(posixpath.join(directory, MANIFEST), manifest, 0o644, modes.uid, modes.gid)
     for name, data in real.items():
@@ -302,14 +309,13 @@ def _adopt(target: CertDir, stamp: str) -> str:
     return set_id
 
 
-def _add_links(target: CertDir, names) -> None:
-    """Each layout name of the set becomes a link into `current` (foreign files replaced)."""
-    fs = target.fs
+def _add_links(target: CertDir, names, scan: Optional[Dict[str, Optional[str]]] = None) -> None:
+    """Each layout name of the set becomes a link into `current` (foreign files replaced).
+    `scan`: the names as CertDir.scan() found them, when nothing has changed them since."""
+    scan = target.scan() if scan is None else scan
     for name in sorted(names):
-        path = posixpath.join(target.path, name)
-        st = fs.stat(path, follow=False)
-        if not (st is not None and st.is_link and fs.readlink(path) == link_target(name)):
-            fs.symlink_atomic(link_target(name), path)
+        if scan.get(name) != link_target(name):
+            target.fs.symlink_atomic(link_target(name), posixpath.join(target.path, name))
 
 
 def _remove_stale_links(target: CertDir, names) -> None:
@@ -328,19 +334,27 @@ def _switch(target: CertDir, set_id: str) -> None:
 
 
 def _collect_garbage(target: CertDir) -> None:
-    """Sets other than current and previous, and temp files an interrupted run left."""
+    """Sets other than current and previous, and temp files an interrupted run left.
+    (The kept sets hold none: _write_set cleared the current one before the switch,
+    and the previous one was cleared when it was current.)"""
     fs = target.fs
     keep = {target.current_id(), target.previous_id()}
     for name in fs.listdir(target.sets):
-        path = posixpath.join(target.sets, name)
-        if name.startswith(STAGING_PREFIX):
-            continue  # an enroll in progress owns it
-        if name not in keep:
-            fs.rmtree(path)
-        else:
-            _remove_temp_files(fs, path)
+        if name not in keep and not name.startswith(STAGING_PREFIX):  # staging: an enroll's
+            fs.rmtree(posixpath.join(target.sets, name))
     _remove_temp_files(fs, target.state)
     _remove_temp_files(fs, target.path)
+
+
+def _finish_clean_up(target: CertDir) -> None:
+    """A run cut off after its switch never removed the old sets (they hold old keys):
+    a later run that finds the set in place removes them. One listing when clean."""
+    keep = {target.current_id(), target.previous_id()}
+    try:
+        if any(n not in keep and not n.startswith(STAGING_PREFIX) for n in target.fs.listdir(target.sets)):
+            _collect_garbage(target)
+    except OSError:  # leftovers cost disk space only
+        pass
 
 
 def _remove_temp_files(fs: FS, directory: str) -> None:
@@ -350,13 +364,19 @@ def _remove_temp_files(fs: FS, directory: str) -> None:
 
 
 def rollback(fs: FS, cert_dir: str) -> InstallResult:
-    """Switch back to the previous set (and make the current one the previous)."""
+    """Switch back to the previous set (and make the current one the previous).
+
+    `current` moves first: interrupted between the two pointer writes, the host uses
+    the set it is switched back to (both pointers name it). The other order would
+    leave both naming the set switched away from, and the next install would delete
+    the set this rollback was for.
+    """
     target = CertDir(fs, cert_dir)
     current, previous = target.current_id(), target.previous_id()
     if previous is None or fs.stat(posixpath.join(target.sets, previous)) is None:
         raise NotFound(f"{cert_dir} has no previous credential set to roll back to")
+    _switch(target, previous)
     if current:
         _point(target, PREVIOUS, current)
-    _switch(target, previous)
     return InstallResult(changed=True, set_id=previous, previous_id=current,
                          actions=[f"switched back to set {previous}"])

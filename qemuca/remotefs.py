@@ -3,28 +3,47 @@
 File-level failures stay OSError (FileNotFoundError, PermissionError, ...) as with LocalFS,
 their filename being "host:path"; a lost or stuck connection is a RemoteError naming the host.
 SFTP cannot fsync a directory, so a rename is durable only once the host syncs it.
+
+SFTP version 3 reports most errno values as a bare "Failure": when a write fails that way,
+the host's statvfs (OpenSSH's statvfs@openssh.com) tells a full (ENOSPC) or read-only
+(EROFS) file system apart, so the admin reads the cause rather than "Failure".
+A host that does not answer within the command timeout is hung: the connection is closed
+at once, so the steps after it (clean-up, switching back) fail at once instead of each
+waiting out the timeout again.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import socket
 import stat as stat_mod
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import paramiko
-from paramiko.sftp import CMD_EXTENDED, CMD_HANDLE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_WRITE
+from paramiko.sftp import (CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_HANDLE, SFTP_FLAG_CREATE,
+                           SFTP_FLAG_EXCL, SFTP_FLAG_WRITE)
 from paramiko.sftp_attr import SFTPAttributes
 from paramiko.sftp_file import SFTPFile
 
+from qemuca.errors import RemoteError
 from qemuca.fs import FS, FileStat, temp_name
 from qemuca.transport import Connection
+
+# Operations that write: an errno-less SFTP failure of one of these is diagnosed with statvfs.
+_WRITES = frozenset({"write", "mkdir", "symlink", "rename", "remove", "rmtree", "chown", "chmod"})
+_ST_RDONLY = 0x1  # statvfs@openssh.com flag
 
 
 def _unsupported(exc: OSError) -> bool:
     return exc.errno is None and "unsupported" in str(exc).lower()
+
+
+def _strerror(code: int) -> str:
+    """The C library's text with the errno name, e.g. 'No space left on device (ENOSPC)'."""
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
 
 
 class RemoteFS(FS):
@@ -33,35 +52,72 @@ class RemoteFS(FS):
     def __init__(self, conn: Connection):
         self.conn = conn
         self._fsync = True  # fsync@openssh.com, until the server says it has none
+        self._lost: Optional[str] = None  # why the connection was given up (a timeout)
 
     @property
     def sftp(self) -> paramiko.SFTPClient:
         return self.conn.sftp()
 
     @contextmanager
-    def _op(self, what: str, path: str) -> Iterator[None]:
+    def _op(self, what: str, path: str, need: int = 1) -> Iterator[None]:
+        """Map what goes wrong during one operation; `need`: bytes it writes (for ENOSPC)."""
+        if self._lost is not None:
+            raise RemoteError(self._lost)
         try:
             yield
+        except socket.timeout as e:  # the host stopped answering: give it up now
+            if self._lost is None:
+                self._lost = str(self.conn.error(e, f"{what} {path}"))
+                self.conn.close()
+            raise RemoteError(self._lost) from None
         except paramiko.SFTPError as e:  # a protocol error, e.g. a login shell that prints text
             raise self.conn.error(e, f"{what} {path}: SFTP failed (does the login shell print "
                                      "text, e.g. from ~/.bashrc?)") from None
-        except (paramiko.SSHException, EOFError, socket.timeout, ConnectionError) as e:
-            raise self.conn.error(e, f"{what} {path}") from None
+        except (paramiko.SSHException, EOFError, ConnectionError) as e:
+            raise RemoteError(self._lost) if self._lost else self.conn.error(e, f"{what} {path}") from None
         except OSError as e:
+            if self._lost is not None:
+                raise RemoteError(self._lost) from None
             if not self.conn.transport.is_active():  # paramiko: OSError("Socket is closed")
                 raise self.conn.error(EOFError(), f"{what} {path}") from None
             where = f"{self.conn.name}:{path}"
-            if e.errno:
-                raise OSError(e.errno, e.strerror or os.strerror(e.errno), where) from None
+            code = e.errno or (self._diagnose(path, need) if what in _WRITES else None)
+            if code:
+                raise OSError(code, _strerror(code) if not e.errno else e.strerror or os.strerror(code),
+                              where) from None
             raise OSError(f"{where}: {what} failed: {e}") from None
 
+    def _diagnose(self, path: str, need: int) -> Optional[int]:
+        """ENOSPC or EROFS when the host's statvfs shows why a write failed, else None."""
+        for candidate in (path, posixpath.dirname(path.rstrip("/")) or "/"):
+            try:
+                t, msg = self.sftp._request(CMD_EXTENDED, "statvfs@openssh.com", candidate)
+            except (OSError, paramiko.SSHException, EOFError):
+                continue  # e.g. the path does not exist: try its directory
+            if t != CMD_EXTENDED_REPLY:
+                return None
+            (_bsize, frsize, _blocks, _bfree, bavail, _files, _ffree, favail, _fsid, flag,
+             _namemax) = (msg.get_int64() for _ in range(11))
+            if flag & _ST_RDONLY:
+                return errno.EROFS
+            if favail == 0 or bavail * frsize < max(need, frsize):
+                return errno.ENOSPC
+            return None
+        return None
+
     def read_bytes(self, path: str) -> bytes:
-        with self._op("read", path), self.sftp.open(path, "rb") as f:
-            return f.read()
+        with self._op("read", path):
+            f = self.sftp.open(path, "rb")
+            try:
+                with self._op("read", path):  # a timeout hangs up before close() waits again
+                    return f.read()
+            finally:
+                f.close()
 
     def write_atomic(self, path, data, mode, uid=None, gid=None):
-        sftp, tmp = self.sftp, temp_name(path)
-        with self._op("write", path):
+        tmp = temp_name(path)
+        with self._op("write", path, len(data)):
+            sftp = self.sftp
             # Opened O_EXCL with at most 0600 (no-one else can read it), owner and final
             # mode set on the handle before the first byte, then renamed over the target.
             attrs = SFTPAttributes()
@@ -71,20 +127,22 @@ class RemoteFS(FS):
             if t != CMD_HANDLE:
                 raise paramiko.SFTPError("expected a handle")
             try:
-                with SFTPFile(sftp, msg.get_binary(), "wb") as f:
-                    if uid is not None or gid is not None:
-                        st = f.stat() if uid is None or gid is None else None
-                        f.chown(st.st_uid if uid is None else uid, st.st_gid if gid is None else gid)
-                    f.chmod(mode)
-                    f.write(data)
-                    f.flush()
-                    self._sync(f)
+                # Unbuffered: a failed write is not sent again by close() (or by __del__).
+                with SFTPFile(sftp, msg.get_binary(), "wb", bufsize=0) as f:
+                    with self._op("write", path, len(data)):  # a timeout hangs up before close()
+                        if uid is not None or gid is not None:
+                            st = f.stat() if uid is None or gid is None else None
+                            f.chown(st.st_uid if uid is None else uid, st.st_gid if gid is None else gid)
+                        f.chmod(mode)
+                        f.write(data)
+                        self._sync(f)
                 sftp.posix_rename(tmp, path)
             except BaseException:
-                try:
-                    sftp.remove(tmp)
-                except (OSError, paramiko.SSHException, EOFError):
-                    pass
+                if self._lost is None:
+                    try:
+                        sftp.remove(tmp)
+                    except (OSError, paramiko.SSHException, EOFError):
+                        pass
                 raise
 
     def _sync(self, f: SFTPFile) -> None:
@@ -140,12 +198,14 @@ class RemoteFS(FS):
         with self._op("symlink", path):
             self.sftp.symlink(target, tmp)
             try:
-                self.sftp.posix_rename(tmp, path)
+                with self._op("symlink", path):
+                    self.sftp.posix_rename(tmp, path)
             except BaseException:
-                try:
-                    self.sftp.remove(tmp)
-                except (OSError, paramiko.SSHException, EOFError):
-                    pass
+                if self._lost is None:
+                    try:
+                        self.sftp.remove(tmp)
+                    except (OSError, paramiko.SSHException, EOFError):
+                        pass
                 raise
 
     def rename(self, source, target):

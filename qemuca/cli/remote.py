@@ -10,7 +10,7 @@ from qemuca.cli.output import emit_json, print_table
 
 
 def ssh_options(func):
-    """--ssh-config, --known-hosts, --accept-new-host-key, --identity, --connect-timeout."""
+    """--ssh-config, --known-hosts, --accept-new-host-key, --identity, --connect-timeout, --timeout."""
     options = [
         click.option("--ssh-config", type=click.Path(dir_okay=False),
                      help="OpenSSH client config [default: ~/.ssh/config]. Host, HostName, Port, "
@@ -24,17 +24,30 @@ def ssh_options(func):
                      help="Private key to log in with (besides ssh-agent and IdentityFile)."),
         click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=None,
                      help="Seconds to wait for a connection [default: ConnectTimeout, else 10]."),
+        click.option("--timeout", "command_timeout", type=click.FloatRange(0.1, 3600), default=None,
+                     help="Seconds one remote command or SFTP operation may take [default: 60]. "
+                          "A host silent that long is given up and reported failed "
+                          "('timed out'); the other hosts go on."),
     ]
     for option in reversed(options):
         func = option(func)
 
     @functools.wraps(func)
-    def wrapper(*args, ssh_config, known_hosts, accept_new_host_key, identity, connect_timeout, **kw):
-        from qemuca.transport import SshOptions
+    def wrapper(*args, ssh_config, known_hosts, accept_new_host_key, identity, connect_timeout,
+                command_timeout, **kw):
+        import logging
 
+        from qemuca.transport import DEFAULT_COMMAND_TIMEOUT, SshOptions
+
+        # paramiko logs a traceback from its own thread when a connection dies during the
+        # handshake (a hung host's banner timeout); qemuca reports that host in one line.
+        paramiko_log = logging.getLogger("paramiko")
+        if not any(isinstance(h, logging.NullHandler) for h in paramiko_log.handlers):
+            paramiko_log.addHandler(logging.NullHandler())
         kw["ssh"] = SshOptions(ssh_config=ssh_config, known_hosts=known_hosts,
                                accept_new_host_key=accept_new_host_key, identity_file=identity,
-                               connect_timeout=connect_timeout)
+                               connect_timeout=connect_timeout,
+                               command_timeout=command_timeout or DEFAULT_COMMAND_TIMEOUT)
         return func(*args, **kw)
 
     return wrapper

@@ -1,0 +1,214 @@
+"""`qemuca probe`: a real encrypted test migration between hosts, one pair or a matrix."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import click
+
+from qemuca.cli.output import RESULT_STYLE, emit_json, json_option, note, print_checks
+from qemuca.cli.remote import (connector, host_selection, parallel_option, run_with_progress, select_hosts,
+                               ssh_options)
+from qemuca.probe import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF, DEFAULT_RAM_MIB
+
+
+
+@click.command("probe")
+@host_selection
+@ssh_options
+@click.option("--matrix", is_flag=True,
+              help="Probe every ordered pair of the hosts given (HOST..., --hosts-file, --inventory, --all).")
+@click.option("--pairs", "pairs_file", type=click.Path(dir_okay=False),
+              help="Probe the pairs listed in FILE ('SOURCE DESTINATION' per line, # comments).")
+@click.option("--tls-destination", metavar="NAME",
+              help="The name the source checks in the destination's certificate, as libvirt's "
+                   "tls.destination [default: the destination's hostname -f].")
+@click.option("--address", metavar="ADDR",
+              help="Where the source connects, and the destination listens [default: NAME as the "
+                   "source resolves it]. With --matrix/--pairs it applies to every pair.")
+@click.option("--port", type=click.IntRange(1, 65535),
+              help="Port of the destination's listener [default: the first free one of libvirt's "
+                   "migration range 49152-49215].")
+@click.option("--ram", "ram_mib", type=click.IntRange(8, 65536), default=DEFAULT_RAM_MIB, show_default=True,
+              help="Guest RAM in MiB (filled with data, so the throughput means something).")
+@click.option("--compare-plain", is_flag=True,
+              help="Also migrate the same guest without TLS and report the throughput ratio TLS / plain.")
+@click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True,
+              help="Where the hosts keep their QEMU credentials.")
+@click.option("--qemu-conf", "qemu_conf_path", default=DEFAULT_QEMU_CONF, show_default=True,
+              help="libvirt's QEMU driver configuration on the destination (reported, not changed).")
+@parallel_option
+@json_option
+@click.pass_obj
+def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address, port, ram_mib,
+              compare_plain, cert_dir, qemu_conf_path, parallel, as_json):
+    """Run a real encrypted test migration from SRC to DST, with QEMU, over SSH.
+
+    \b
+    qemuca probe SRC DST [options]
+    qemuca probe --matrix HOST... [options]
+    qemuca probe --pairs FILE [options]
+
+    On DST a throwaway QEMU (no disk, no NIC, QMP over the SSH channel) listens with the
+    deployed server credentials (tls-creds-x509, verify-peer=on); on SRC the same small
+    guest migrates to it with the client credentials and tls-hostname = NAME, as
+    'virsh migrate --tls --tls-destination NAME' would. The probe shows that a plain
+    migration to the TLS listener is refused, that the TLS migration completes (time,
+    bytes, throughput; with --compare-plain the ratio to a plain migration), whether
+    DST's certificate is revoked by the CA's current CRL (QEMU's source never checks),
+    and what DST's qemu.conf makes libvirt enforce. Failures come with QEMU's exact
+    message and what to fix. Nothing stays on the hosts: QEMU is bounded by 'timeout',
+    tied to the SSH session, and killed by PID at the end.
+
+    --timeout (default 60 s) bounds one whole probe; QEMU is killed on the hosts 10 s
+    after that in any case.
+
+    Exit 0 when every probe passes, 1 when any fails (a host that cannot be reached is
+    a failed probe).
+    """
+    from qemuca import probe
+    from qemuca.errors import InvalidInput
+
+    many = matrix or pairs_file
+    if matrix and pairs_file:
+        raise click.UsageError("--matrix and --pairs exclude each other")
+    if many and tls_destination:
+        raise click.UsageError("--tls-destination goes with one SRC DST pair")
+    if many and port and parallel > 1:
+        raise click.UsageError("--port with --matrix/--pairs needs --parallel 1 (probes to one "
+                               "host at once would need the same port)")
+    opts = probe.ProbeOptions(tls_destination=probe.tls_name(tls_destination) if tls_destination else None,
+                              address=address, port=port, ram_mib=ram_mib, compare_plain=compare_plain,
+                              cert_dir=cert_dir, qemu_conf_path=qemu_conf_path,
+                              timeout=ssh.command_timeout)
+    opts.validate()
+    if pairs_file:
+        if any(selection[:4]) or selection[4]:
+            raise click.UsageError("--pairs FILE takes no other hosts")
+        pairs = probe.read_pairs(pairs_file)
+    elif matrix:
+        hosts = select_hosts(app, selection)
+        if len(hosts) < 2:
+            raise InvalidInput("--matrix needs at least two hosts")
+        pairs = probe.all_pairs(hosts)
+    else:
+        if any(selection[1:4]) or selection[4] or len(selection[0]) != 2:
+            raise click.UsageError("give SRC DST (or --matrix HOST..., or --pairs FILE)")
+        from qemuca.names import host_name
+
+        src, dst = (host_name(h) for h in selection[0])
+        if src == dst:
+            raise InvalidInput(f"SRC and DST are the same host ({src})")
+        pairs = [(src, dst)]
+
+    revocations = _revocations(app)
+    connect = connector(app, ssh)
+    cancel = threading.Event()
+    with _cancel_on_signals(cancel):
+        reports = run_with_progress(
+            pairs, lambda p: probe.probe_pair(p[0], p[1], connect, opts, revocations, cancel),
+            parallel, "probing", as_json or not many)
+    if cancel.is_set():
+        raise probe.Interrupted("interrupted: the probes stopped and removed what they had started")
+    if many:
+        _render_matrix(reports, as_json)
+    elif as_json:
+        emit_json(reports[0].as_dict())
+    else:
+        _render_one(reports[0])
+    return 0 if all(r.passed for r in reports) else 1
+
+
+def _revocations(app):
+    """The CA's revocations when qemuca runs where the store is (else None: not checked)."""
+    from qemuca.errors import NotFound
+    from qemuca.probe import Revocations
+
+    try:
+        store = app.store()
+    except NotFound:
+        note(f"qemuca: no CA store in {app.home}: revocation is not checked")
+        return None
+    return Revocations.from_store(store)
+
+
+class _cancel_on_signals:
+    """Ctrl-C / SIGTERM: tell every probe to stop (each cleans up its hosts), then exit 130."""
+
+    def __init__(self, cancel: threading.Event):
+        self.cancel, self.saved = cancel, {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.cancel.set()
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach the main thread only
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
+
+
+def _render_one(report) -> None:
+    title = f"{report.source} -> {report.destination}"
+    if report.tls_destination:
+        title += (f" (name {report.tls_destination}"
+                  + (f", {report.address}:{report.port}" if report.port else "") + ")")
+    print_checks(title, report.result, report.findings)
+
+
+def _cell(report) -> str:
+    from qemuca.probe import rate
+
+    if report.passed:
+        if not report.ram_filled_bytes:
+            return "ok"  # an empty guest: its throughput says nothing
+        text = f"ok {rate(report.tls.throughput)}"
+        return text + (f" (x{report.ratio:.2f} plain)" if report.ratio else "")
+    return "FAIL: " + ", ".join(report.labels())
+
+
+def _render_matrix(reports, as_json: bool) -> None:
+    hosts = list(dict.fromkeys(h for r in reports for h in r.pair))
+    passed = sum(r.passed for r in reports)
+    if as_json:
+        emit_json({"hosts": hosts, "passed": passed, "failed": len(reports) - passed,
+                   "pairs": [r.as_dict() for r in reports]})
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    from qemuca.cli.output import console
+
+    cells = {r.pair: r for r in reports}
+    table = Table(title=f"Probe matrix: {passed}/{len(reports)} pairs passed (rows: source, "
+                        "columns: destination)", title_justify="left")
+    table.add_column("source \\ destination")
+    for h in hosts:
+        table.add_column(h, overflow="fold")
+    for src in hosts:
+        row = [Text(src)]
+        for dst in hosts:
+            r = cells.get((src, dst))
+            row.append(Text("-" if src == dst or r is None else _cell(r),
+                            style="" if r is None else RESULT_STYLE[r.result]))
+        table.add_row(*row)
+    out = console()
+    out.print(table)
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        detail = Table(title="Failed pairs", title_justify="left")
+        for col in ("pair", "check", "detail"):
+            detail.add_column(col, overflow="fold")
+        for r in failed:
+            for f in (f for f in r.findings if f.result == "fail"):
+                text = Text(f.detail)
+                if f.fix:
+                    text.append(f"\nfix: {f.fix}", style="italic")
+                detail.add_row(f"{r.source} -> {r.destination}", f.check, text)
+        out.print(detail)

@@ -136,6 +136,16 @@ def is_ip(value: str) -> bool:
         return False
 
 
+def host_port(address: str, port: int) -> str:
+    """address:port, with an IPv6 address in brackets (as openssl and QEMU URIs want)."""
+    try:
+        if isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address):
+            return f"[{address}]:{port}"
+    except ValueError:
+        pass
+    return f"{address}:{port}"
+
+
 def san_value(value: str) -> Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]:
     """A --san value: an IP address (for an iPAddress SAN; IPv6 maybe in brackets) or a
     DNS name. Only an address a host can be reached at: no zone index (a certificate

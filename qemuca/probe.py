@@ -39,6 +39,7 @@ from cryptography import x509
 from qemuca import profile, qemuconf
 from qemuca.errors import EXIT_INTERRUPTED, InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.layout import CA_BUNDLE, CLIENT_CERT, SERVER_CERT
+from qemuca.names import host_port
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 DEFAULT_CERT_DIR = "/etc/pki/qemu"
@@ -555,12 +556,7 @@ def _is_dir(fs, path: str) -> bool:
 
 
 def _uri(address: str, port: int) -> str:
-    try:
-        if isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address):
-            return f"tcp:[{address}]:{port}"
-    except ValueError:
-        pass
-    return f"tcp:{address}:{port}"
+    return "tcp:" + host_port(address, port)
 
 
 def _tls_object(cert_dir: str, endpoint: str) -> dict:

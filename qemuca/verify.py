@@ -30,6 +30,7 @@ from qemuca.ca import fingerprint
 from qemuca.errors import InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.layout import (ALL_FILES, CA_BUNDLE, CLIENT_CERT, CLIENT_KEY, CRL, KEY_FILES, SERVER_CERT,
                            SERVER_KEY, host_modes)
+from qemuca.names import host_port
 
 PASS, WARN, FAIL, SKIP = profile.PASS, profile.WARN, profile.FAIL, "skip"
 RANK = {SKIP: 0, PASS: 0, WARN: 1, FAIL: 2}
@@ -67,14 +68,8 @@ def overall(checks: Sequence[Check]) -> str:
     return {0: PASS, 1: WARN, 2: FAIL}[worst]
 
 
-@dataclass
-class HostReport:
-    """Every check on one host; `error` when the host could not be reached."""
-
-    host: str
-    checks: List[Check] = field(default_factory=list)
-    error: Optional[str] = None
-    exit_code: Optional[int] = None  # the error's exit code (unreachable host)
+class _Outcome:
+    """result and failed() of a report holding `checks` and maybe an `error`."""
 
     @property
     def result(self) -> str:
@@ -83,13 +78,24 @@ class HostReport:
     def failed(self, strict: bool = False) -> bool:
         return self.result == FAIL or (strict and self.result == WARN)
 
+
+@dataclass
+class HostReport(_Outcome):
+    """Every check on one host; `error` when the host could not be reached."""
+
+    host: str
+    checks: List[Check] = field(default_factory=list)
+    error: Optional[str] = None
+    exit_code: Optional[int] = None  # the error's exit code (unreachable host)
+
+
     def as_dict(self) -> dict:
         return {"host": self.host, "result": self.result, "error": self.error,
                 "checks": [c.as_dict() for c in self.checks]}
 
 
 @dataclass
-class PairReport:
+class PairReport(_Outcome):
     source: str
     destination: str
     tls_destination: Optional[str] = None
@@ -101,12 +107,6 @@ class PairReport:
     def host(self) -> str:
         return f"{self.source} -> {self.destination}"
 
-    @property
-    def result(self) -> str:
-        return FAIL if self.error else overall(self.checks)
-
-    def failed(self, strict: bool = False) -> bool:
-        return self.result == FAIL or (strict and self.result == WARN)
 
     def as_dict(self) -> dict:
         return {"source": self.source, "destination": self.destination,
@@ -1113,15 +1113,6 @@ def _listening(fs, port: int, proc: str = "/proc") -> bool:
     return False
 
 
-def _endpoint(address: str, port: int) -> str:
-    try:
-        if isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address):
-            return f"[{address}]:{port}"
-    except ValueError:
-        pass
-    return f"{address}:{port}"
-
-
 def _reasons(stderr: bytes) -> List[str]:
     """The lines of openssl's output that say why (verify errors, alerts, connect errors)."""
     out = []
@@ -1164,7 +1155,7 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Check:
     address = opts.address or name
     try:
         ipaddress.ip_address(address)
-        accept = _endpoint(address, opts.port)
+        accept = host_port(address, opts.port)
     except ValueError:
         accept = str(opts.port)  # a name: listen on every address of the destination
     seconds = str(max(1, int(opts.timeout)))
@@ -1173,7 +1164,7 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Check:
               "-Verify", "1", "-verify_return_error"]
     if dst.fs.stat(f"{d}/{CRL}") is not None:
         server += ["-CRL", f"{d}/{CRL}", "-crl_check"]
-    client = ["openssl", "s_client", "-connect", _endpoint(address, opts.port), "-ign_eof",
+    client = ["openssl", "s_client", "-connect", host_port(address, opts.port), "-ign_eof",
               "-cert", f"{d}/{CLIENT_CERT}", "-key", f"{d}/{CLIENT_KEY}", "-CAfile", f"{d}/{CA_BUNDLE}",
               "-verify_return_error", "-verify_hostname", name]
     bound = {side.name: (["timeout", "-s", "KILL", seconds] if _has(side, ["timeout", "--version"]) else [])
@@ -1221,7 +1212,7 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Check:
             for pid in find_pids(src.fs, client):
                 _kill(src, pid)
         thread.join(5)
-    where = f"{src.name} -> {dst.name} at {_endpoint(address, opts.port)}, name {name}"
+    where = f"{src.name} -> {dst.name} at {host_port(address, opts.port)}, name {name}"
     if isinstance(client_result, Exception):
         return Check("TLS handshake", FAIL, f"{where}: {client_result}", "check the address and firewall")
     ok = client_result.ok and b"HTTP/1.0 200" in client_result.stdout

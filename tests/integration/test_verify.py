@@ -64,7 +64,10 @@ def local_verify(host, *args):
     root = f"/proc/{os.getpid()}/root"
     path = ":".join([root + str(Path(__file__).resolve().parents[2])]
                     + [root + p for p in site.getsitepackages()])
-    argv = host.prefix + ["env", f"PYTHONPATH={path}", "COLUMNS=250", root + sys.executable, "-m", "qemuca",
+    # The real interpreter, not a venv's link to it: the link's target may sit under /root,
+    # which the fake host hides.
+    python = root + os.path.realpath(sys.executable)
+    argv = host.prefix + ["env", f"PYTHONPATH={path}", "COLUMNS=250", python, "-m", "qemuca",
                           "--home", "/nonexistent/qemuca-home", "verify", "--local", "--json", *args]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert "Traceback" not in proc.stderr, proc.stderr

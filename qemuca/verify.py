@@ -959,6 +959,14 @@ def _files_row(rows, label: str, host: str, cs: CertSet, names: Sequence[str], k
         rows.append(Check(label, PASS, f"{host}: " + ", ".join(n for n in names if cs.present(n))))
 
 
+def _trust_check(label: str, cert, issuer, owner: str, truster: str) -> Check:
+    """Whether `truster`'s bundle holds the CA that issued `owner`'s certificate."""
+    if issuer is not None:
+        return Check(label, PASS, f"issued by '{cn_of(issuer)}' in {truster}'s bundle")
+    return Check(label, FAIL, f"{owner}'s certificate (issuer '{cert.issuer.rfc4514_string()}') "
+                 f"chains to no CA of {truster}'s {CA_BUNDLE}", "deploy both hosts from the same CA")
+
+
 def verify_pair(src: Side, dst: Side, opts: PairOptions = PairOptions(),
                 reference: Optional[Reference] = None, now: Optional[dt.datetime] = None) -> PairReport:
     """Will QEMU on src (client endpoint) migrate to QEMU on dst (server endpoint)?"""
@@ -996,11 +1004,7 @@ def verify_pair(src: Side, dst: Side, opts: PairOptions = PairOptions(),
             rows.append(Check(label, PASS, f"{side.name}: {cn_of(cert)}, valid, {purpose}"))
     if client is not None and d.bundle:
         issuer = issuer_in(client, d.bundle)
-        rows.append(Check("destination trusts source", PASS, f"issued by '{cn_of(issuer)}' in {dst.name}'s bundle")
-                    if issuer else Check("destination trusts source", FAIL,
-                                         f"{src.name}'s certificate (issuer '{client.issuer.rfc4514_string()}') "
-                                         f"chains to no CA of {dst.name}'s {CA_BUNDLE}",
-                                         "deploy both hosts from the same CA"))
+        rows.append(_trust_check("destination trusts source", client, issuer, src.name, dst.name))
         why = revoked_in(client, d.crls, issuer)
         stale = [c for c in d.crls if (_next_update(c) or now) < now]
         if why:
@@ -1017,11 +1021,7 @@ def verify_pair(src: Side, dst: Side, opts: PairOptions = PairOptions(),
                               "not revoked" if d.crls else f"{dst.name} has no {CRL}"))
     if server is not None and s.bundle:
         issuer = issuer_in(server, s.bundle)
-        rows.append(Check("source trusts destination", PASS, f"issued by '{cn_of(issuer)}' in {src.name}'s bundle")
-                    if issuer else Check("source trusts destination", FAIL,
-                                         f"{dst.name}'s certificate (issuer '{server.issuer.rfc4514_string()}') "
-                                         f"chains to no CA of {src.name}'s {CA_BUNDLE}",
-                                         "deploy both hosts from the same CA"))
+        rows.append(_trust_check("source trusts destination", server, issuer, dst.name, src.name))
         if reference is not None:
             crls = list(reference.crls)
             source = "the CA's current CRL" if crls else "the CA store (it has no CRL)"

@@ -195,8 +195,8 @@ def timed(cmd: List[str], **kw) -> float:
 
 def new_credentials(home: str, fleet, n: int, work: Path) -> None:
     """Untimed: a new certificate per host in the store, and its files for the others."""
-    from qemuca import ca
-    from qemuca.store import Store
+    from qemuca.pki import ca
+    from qemuca.store.index import Store
 
     names = [h.name for h in fleet.hosts[:n]]
     store = Store.open(home)

@@ -46,8 +46,8 @@ def fill_index(home: str, n: int, revoked: int) -> None:
     """N certificate rows reusing one real certificate's PEM and key, distinct serials,
     hosts and fingerprints; the first `revoked` revoked; one deployment row per host."""
     sys.path.insert(0, str(ROOT))
-    from qemuca import ca
-    from qemuca.store import Store, iso
+    from qemuca.pki import ca
+    from qemuca.store.index import Store, iso
 
     store = Store.open(home)
     try:

@@ -16,7 +16,7 @@ class AppContext:
     def store(self):
         """Open the CA store lazily: most --help paths never need it."""
         if self._store is None:
-            from qemuca.store import Store
+            from qemuca.store.index import Store
 
             self._store = Store.open(self.home)
         return self._store

@@ -7,13 +7,13 @@ import functools
 
 import click
 
-from qemuca import profile
+from qemuca.pki import profile
 from qemuca.cli.options import passphrase_file_option, passphrase_source
 from qemuca.cli.output import json_option
 from qemuca.cli.remote import (connector, host_selection, parallel_option, render_reports,
                                run_with_progress,
                                select_hosts, ssh_options)
-from qemuca.deploy import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF
+from qemuca.ops.deploy import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF
 
 
 def host_layout_options(func):
@@ -43,7 +43,7 @@ def host_layout_options(func):
     @functools.wraps(func)
     def wrapper(*args, cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
                 restart, force, **kw):
-        from qemuca.deploy import DeployOptions
+        from qemuca.ops.deploy import DeployOptions
 
         kw["opts"] = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=not no_qemu_conf,
                                    qemu_conf_path=qemu_conf_path, force_tls=force_tls,
@@ -89,8 +89,8 @@ def deploy_cmd(app, selection, ssh, opts, issue_missing, key_type, crl_only, bun
     Exit 0 when every host succeeded, 1 when any failed (see the table or --json:
     one object per host with host, result, fingerprint_sha256, restart_needed, error).
     """
-    from qemuca import ca
-    from qemuca.deploy import deploy_from_store, refresh_host, run_on_host
+    from qemuca.pki import ca
+    from qemuca.ops.deploy import deploy_from_store, refresh_host, run_on_host
     from qemuca.errors import InvalidInput
 
     if issue_missing and (crl_only or bundle_only):
@@ -143,8 +143,8 @@ def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, p
     (modes, group, qemu.conf, --restart alike). The certificate is recorded in the
     index once it is in place; any failure leaves the host with its previous set.
     """
-    from qemuca import ca
-    from qemuca.deploy import enroll_host, run_on_host
+    from qemuca.pki import ca
+    from qemuca.ops.deploy import enroll_host, run_on_host
     from qemuca.names import san_value
 
     for value in sans:
@@ -177,7 +177,7 @@ def rollback_cmd(app, selection, ssh, cert_dir, parallel, as_json):
     The current set becomes the previous one, so a second rollback undoes the first.
     qemu.conf is not changed.
     """
-    from qemuca.deploy import rollback_host, run_on_host
+    from qemuca.ops.deploy import rollback_host, run_on_host
 
     hosts = select_hosts(app, selection)
     connect = connector(app, ssh)

@@ -37,7 +37,8 @@ def doctor_cmd(app, repair, strict, passphrase_file, as_json):
     A command killed half-way is undone when the store is next opened (by any
     command); doctor reports what was put back.
     """
-    from qemuca import ca, doctor
+    from qemuca.pki import ca
+    from qemuca.store import doctor
 
     passphrase = ca.read_passphrase_file(passphrase_file) if passphrase_file else None
     removed = doctor.repair(app.home) if repair else []

@@ -27,9 +27,10 @@ def export_cmd(app, host, directory, force, as_json):
     new export switches every file at once; exporting the same set again changes
     nothing. Use it with QEMU's -object tls-creds-x509,dir=DIR.
     """
-    from qemuca import ca, install
-    from qemuca.fs import LocalFS
-    from qemuca.layout import EXPORT_MODES
+    from qemuca.hosts import install
+    from qemuca.pki import ca
+    from qemuca.hosts.fs import LocalFS
+    from qemuca.hosts.layout import EXPORT_MODES
 
     store = app.store()
     authority = ca.CertificateAuthority(store)

@@ -8,8 +8,8 @@ from qemuca.cli.output import emit_json, json_option, print_fields, print_table
 
 
 def _days_left(not_after: str) -> int:
-    from qemuca.profile import utcnow
-    from qemuca.store import parse_iso
+    from qemuca.pki.profile import utcnow
+    from qemuca.store.index import parse_iso
 
     return (parse_iso(not_after) - utcnow()).days
 
@@ -58,7 +58,7 @@ def show_cmd(app, host_or_serial, pem, as_json):
     """Show a host's current certificate (or the one with a serial) from the index."""
     from cryptography import x509
 
-    from qemuca.certinfo import describe_certificate
+    from qemuca.pki.certinfo import describe_certificate
 
     record = app.store().find(host_or_serial)
     if pem:
@@ -91,8 +91,8 @@ def inspect_cmd(pem_file, as_json):
     material is never printed). Exit code 1 when a certificate fails a check or a
     CSR would be refused by 'qemuca sign' (bad signature, weak key).
     """
-    from qemuca.certinfo import MAX_PEM, describe_pem
-    from qemuca.hostlist import read_user_file
+    from qemuca.pki.certinfo import MAX_PEM, describe_pem
+    from qemuca.hosts.inventory import read_user_file
 
     items = describe_pem(read_user_file(pem_file, "PEM file", MAX_PEM), pem_file)
     # A CSR that 'qemuca sign' would refuse fails like a non-conforming certificate.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from qemuca import profile
+from qemuca.pki import profile
 from qemuca.cli.deploy_cmds import host_layout_options
 from qemuca.cli.options import passphrase_file_option, passphrase_source
 from qemuca.cli.output import emit_json, json_option, note, print_table
@@ -32,8 +32,9 @@ def _lifecycle_command(name, verb, doc):
     @click.pass_obj
     def command(app, selection, expiring_within, ssh, opts, days, key_type, parallel, passphrase_file,
                 as_json):
-        from qemuca import ca, lifecycle
-        from qemuca.deploy import run_on_host
+        from qemuca.ops import lifecycle
+        from qemuca.pki import ca
+        from qemuca.ops.deploy import run_on_host
         from qemuca.errors import InvalidInput
 
         if key_type and name == "renew":
@@ -92,7 +93,8 @@ def ca_group():
 @click.pass_obj
 def ca_status_cmd(app, as_json):
     """Show the CAs, the rollover stage, and where each host stands."""
-    from qemuca import ca, lifecycle
+    from qemuca.ops import lifecycle
+    from qemuca.pki import ca
 
     store = app.store()
     status = lifecycle.rollover_status(store, ca.CertificateAuthority(store))
@@ -134,7 +136,8 @@ def rollover_start_cmd(app, common_name, organization, key_type, days, passphras
     The new key is encrypted with the same passphrase as the current one (or not,
     when the current key is not). Next: 'qemuca deploy --bundle-only --all'.
     """
-    from qemuca import ca, lifecycle
+    from qemuca.ops import lifecycle
+    from qemuca.pki import ca
     from qemuca.names import subject_text
 
     common_name = subject_text("--cn", common_name)
@@ -175,8 +178,9 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     received the two-CA bundle: finishing then would break its migrations. If some
     hosts cannot be reached, the old CA stays until a rerun reaches them all.
     """
-    from qemuca import ca, lifecycle
-    from qemuca.deploy import refresh_host, run_on_host
+    from qemuca.ops import lifecycle
+    from qemuca.pki import ca
+    from qemuca.ops.deploy import refresh_host, run_on_host
     from qemuca.errors import Conflict
 
     store = app.store()
@@ -190,7 +194,7 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
     if store.revoked():
         authority.write_crl()
-    from qemuca.deploy import DeployOptions
+    from qemuca.ops.deploy import DeployOptions
 
     opts = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=False)
     hosts = [r.host for r in store.certificates("status = 'valid'")]

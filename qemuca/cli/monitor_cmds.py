@@ -33,7 +33,7 @@ def check_cmd(app, warn_days, crit_days, crl_warn_days, as_json):
     "not_after", "days_left"}]}. Errors exit 3 or more (UNKNOWN for a monitoring
     system): bad --warn-days/--crit-days/--crl-warn-days is exit 3.
     """
-    from qemuca import monitor
+    from qemuca.ops import monitor
 
     monitor.validate_days(warn_days, crit_days, crl_warn_days)  # bad input first, then the store
     report = monitor.run_checks(app.store(), warn_days, crit_days, crl_warn_days)
@@ -67,7 +67,7 @@ def metrics_cmd(app, out):
     certificate counts. Run it from a timer (see scripts/systemd/) and alert on
     qemuca_metrics_generated_seconds getting old.
     """
-    from qemuca import monitor
+    from qemuca.ops import monitor
 
     store = app.store()
     if out is None:

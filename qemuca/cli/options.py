@@ -21,7 +21,7 @@ def read_passphrase(path) -> bytes:
     import os
     import stat
 
-    from qemuca.ca import read_passphrase_file
+    from qemuca.pki.ca import read_passphrase_file
     from qemuca.errors import PassphraseError
 
     try:
@@ -52,7 +52,7 @@ def hosts_from(args, hosts_file):
     """Host arguments plus the names in --hosts-file."""
     hosts = list(args)
     if hosts_file:
-        from qemuca.hostlist import read_hosts_file
+        from qemuca.hosts.inventory import read_hosts_file
 
         hosts.extend(read_hosts_file(hosts_file))
     return hosts

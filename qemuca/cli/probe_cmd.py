@@ -10,7 +10,7 @@ import click
 from qemuca.cli.output import RESULT_STYLE, emit_json, json_option, note, print_checks
 from qemuca.cli.remote import (connector, host_selection, parallel_option, run_with_progress, select_hosts,
                                ssh_options)
-from qemuca.probe import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF, DEFAULT_RAM_MIB
+from qemuca.ops.probe import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF, DEFAULT_RAM_MIB
 
 
 
@@ -67,7 +67,7 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
     Exit 0 when every probe passes, 1 when any fails (a host that cannot be reached is
     a failed probe).
     """
-    from qemuca import probe
+    from qemuca.ops import probe
     from qemuca.errors import InvalidInput
 
     many = matrix or pairs_file
@@ -123,7 +123,7 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
 def _revocations(app):
     """The CA's revocations when qemuca runs where the store is (else None: not checked)."""
     from qemuca.errors import NotFound
-    from qemuca.probe import Revocations
+    from qemuca.ops.probe import Revocations
 
     try:
         store = app.store()
@@ -163,7 +163,7 @@ def _render_one(report) -> None:
 
 
 def _cell(report) -> str:
-    from qemuca.probe import rate
+    from qemuca.ops.probe import rate
 
     if report.passed:
         if not report.ram_filled_bytes:

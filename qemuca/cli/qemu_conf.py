@@ -6,7 +6,7 @@ import os
 
 import click
 
-from qemuca import qemuconf
+from qemuca.hosts import qemuconf
 from qemuca.cli.output import emit_json, json_option, note, print_fields
 
 RESTART_HINT = ("restart libvirt for this to take effect: systemctl try-restart virtqemud "
@@ -31,7 +31,7 @@ def qemu_conf_group():
 
 
 def _local_fs():
-    from qemuca.fs import LocalFS
+    from qemuca.hosts.fs import LocalFS
 
     return LocalFS()
 

@@ -37,7 +37,7 @@ def ssh_options(func):
                 command_timeout, **kw):
         import logging
 
-        from qemuca.transport import DEFAULT_COMMAND_TIMEOUT, SshOptions
+        from qemuca.hosts.ssh import DEFAULT_COMMAND_TIMEOUT, SshOptions
 
         # paramiko logs a traceback from its own thread when a connection dies during the
         # handshake (a hung host's banner timeout); qemuca reports that host in one line.
@@ -80,7 +80,7 @@ def host_selection(func):
 def select_hosts(app, selection):
     """The host names a command works on, normalised, de-duplicated, in order."""
     from qemuca.errors import InvalidInput
-    from qemuca.hostlist import read_hosts_file, read_inventory
+    from qemuca.hosts.inventory import read_hosts_file, read_inventory
     from qemuca.names import host_name
 
     hosts, hosts_file, inventory, limit, all_hosts = selection
@@ -105,18 +105,18 @@ def select_hosts(app, selection):
     return out
 
 
-def connector(app, ssh):
+def connector(app, options):
     """host -> Connection, with ssh_config read once and an inventory's addresses applied."""
-    from qemuca import transport
+    from qemuca.hosts import ssh
 
-    config = transport.load_ssh_config(ssh.ssh_config)
+    config = ssh.load_ssh_config(options.ssh_config)
 
     def connect(host):
         entry = app.addresses.get(host)
         if entry is None:
-            return transport.connect(host, ssh, config)
-        return transport.connect(host, ssh, config, hostname=entry.ssh_host, port=entry.ssh_port,
-                                 user=entry.ssh_user)
+            return ssh.connect(host, options, config)
+        return ssh.connect(host, options, config, hostname=entry.ssh_host, port=entry.ssh_port,
+                           user=entry.ssh_user)
 
     return connect
 
@@ -128,7 +128,7 @@ def parallel_option(func):
 
 def run_with_progress(hosts, operation, parallel, label, quiet):
     """Run `operation` over hosts with a rich progress bar on stderr (unless quiet)."""
-    from qemuca.fleet import run_fleet
+    from qemuca.ops.fleet import run_fleet
 
     if quiet:
         return run_fleet(hosts, operation, parallel)

@@ -7,7 +7,7 @@ import click
 from qemuca.cli.output import emit_json, json_option, print_checks
 from qemuca.cli.remote import (connector, host_selection, parallel_option, run_with_progress,
                                select_hosts, ssh_options)
-from qemuca.verify import DEFAULT_CERT_DIR, DEFAULT_PORT, DEFAULT_QEMU_CONF, DEFAULT_WARN_DAYS
+from qemuca.ops.verify import DEFAULT_CERT_DIR, DEFAULT_PORT, DEFAULT_QEMU_CONF, DEFAULT_WARN_DAYS
 
 
 
@@ -60,7 +60,7 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
     host that cannot be reached is reported failed; with one host the exit code is the
     error's (8 remote, 9 host key).
     """
-    from qemuca import verify
+    from qemuca.ops import verify
 
     if local and (pair or any(selection[:4]) or selection[4]):
         raise click.UsageError("--local checks this machine: give no HOST, --pair or host list")
@@ -75,7 +75,7 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
     opts.validate()
 
     if local:
-        from qemuca.fs import LocalFS
+        from qemuca.hosts.fs import LocalFS
 
         report = verify.verify_host(None, LocalFS(), verify.LocalRunner(), opts)
         return _finish([report], as_json, strict)
@@ -105,7 +105,7 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
 def _reference(app):
     """What the store knows, when qemuca runs where the CA is (else None)."""
     from qemuca.errors import NotFound
-    from qemuca.verify import Reference
+    from qemuca.ops.verify import Reference
 
     try:
         store = app.store()

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qemuca.errors import EXIT_INVALID_INPUT, EXIT_IO, EXIT_STORE, EXIT_USAGE
-from tests.core.test_monitor import add_cert, record_deploy, start_rollover, write_crl
+from tests.ops.test_monitor import add_cert, record_deploy, start_rollover, write_crl
 from tests.support.pki import assert_error, clean_env, make_store, revoke, run_qemuca
 from tests.support.tools import missing, require_tool
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from qemuca import qemuconf as qc
+from qemuca.hosts import qemuconf as qc
 from qemuca.cli import cli
 
 ORIGINAL = (b"# qemu.conf\n"

@@ -33,8 +33,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import pytest
 from cryptography import x509
 
-from qemuca import ca, lifecycle
-from qemuca.store import Store, ca_dir_fingerprint
+from qemuca.ops import lifecycle
+from qemuca.pki import ca
+from qemuca.store.index import Store, ca_dir_fingerprint
 from tests.support.pki import QEMUCA, clean_env, make_store, revoke, run_qemuca
 from tests.support.tools import require_tool
 

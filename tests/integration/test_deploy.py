@@ -24,10 +24,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from qemuca import qemuconf
-from qemuca.ca import CertificateAuthority, fingerprint
-from qemuca.store import Store
-from qemuca.transport import fingerprint as ssh_fingerprint
+from qemuca.hosts import qemuconf
+from qemuca.pki.ca import CertificateAuthority, fingerprint
+from qemuca.store.index import Store
+from qemuca.hosts.ssh import fingerprint as ssh_fingerprint
 from tests.support.augeas import lens_read, virconf_read
 from tests.support.fakehosts import DEFAULT_QEMU_CONF, FakeHost, Fleet, start_fleet
 from tests.support.faults import FaultProxy, close_all, write_proxy_client_files

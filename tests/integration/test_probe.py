@@ -22,7 +22,7 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from qemuca import ca, profile
+from qemuca.pki import ca, profile
 from tests.support.fakehosts import FakeHost, Fleet, start_fleet
 from tests.support.fixtures import require_fleet_tools
 from tests.support.pki import (assert_ok, authority, export_set, make_store, popen_qemuca, run_many,

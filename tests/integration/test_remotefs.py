@@ -1,4 +1,4 @@
-"""qemuca.remotefs.RemoteFS on real fake hosts (OpenSSH sftp-server), checked from the host's side."""
+"""qemuca.hosts.remotefs.RemoteFS on real fake hosts (OpenSSH sftp-server), checked from the host's side."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from qemuca.errors import RemoteError
-from qemuca.remotefs import RemoteFS
-from qemuca.transport import SshOptions, connect
+from qemuca.hosts.remotefs import RemoteFS
+from qemuca.hosts.ssh import SshOptions, connect
 from tests.support.fakehosts import SFTP_SERVER
 from tests.support.fixtures import fleet_factory  # noqa: F401  (also works without conftest)
 

@@ -1,4 +1,4 @@
-"""qemuca.transport against real OpenSSH sshd fake hosts: config, host keys, jumps, timeouts, run()."""
+"""qemuca.hosts.ssh against real OpenSSH sshd fake hosts: config, host keys, jumps, timeouts, run()."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from qemuca.errors import EXIT_HOST_KEY, EXIT_REMOTE, HostKeyError, InvalidInput, RemoteError
-from qemuca.remotefs import RemoteFS
-from qemuca.transport import SshOptions, command_line, connect, fingerprint
+from qemuca.hosts.remotefs import RemoteFS
+from qemuca.hosts.ssh import SshOptions, command_line, connect, fingerprint
 from tests.support.fixtures import fleet3, fleet_factory  # noqa: F401  (also works without conftest)
 from tests.support.tools import require_tool
 

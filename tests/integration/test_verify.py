@@ -26,11 +26,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qemuca import install, profile, verify
-from qemuca.fs import LocalFS
-from qemuca.layout import CredentialSet, host_modes
-from qemuca.store import Store
-from qemuca.transport import SshOptions, connect
+from qemuca.hosts import install
+from qemuca.ops import verify
+from qemuca.pki import profile
+from qemuca.hosts.fs import LocalFS
+from qemuca.hosts.layout import CredentialSet, host_modes
+from qemuca.store.index import Store
+from qemuca.hosts.ssh import SshOptions, connect
 from tests.support.pki import assert_ok, authority, make_store, revoke, run_qemuca
 from tests.support.qemu_migration import QEMU, Endpoint, migrate
 from tests.support.tools import require_tool
@@ -578,7 +580,7 @@ def pair_env(fleet_factory, tmp_path):
     home = make_store(tmp_path, hosts=fleet.names)
     auth = authority(home)
     conns = [connect(h.name, SshOptions(ssh_config=str(fleet.ssh_config), allow_agent=False)) for h in fleet]
-    from qemuca.remotefs import RemoteFS
+    from qemuca.hosts.remotefs import RemoteFS
 
     sides = [verify.Side(h.name, RemoteFS(c), c) for h, c in zip(fleet, conns)]
     yield fleet, home, (auth.cert, auth.key), sides

@@ -17,10 +17,11 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from cryptography import x509
 
-from qemuca import ca, install
-from qemuca.fs import LocalFS
-from qemuca.layout import EXPORT_MODES
-from qemuca.store import Store
+from qemuca.hosts import install
+from qemuca.pki import ca
+from qemuca.hosts.fs import LocalFS
+from qemuca.hosts.layout import EXPORT_MODES
+from qemuca.store.index import Store
 
 QEMUCA = [sys.executable, "-m", "qemuca"]
 INDEX_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")

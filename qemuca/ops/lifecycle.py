@@ -23,13 +23,13 @@ from typing import List, Optional
 
 from cryptography.hazmat.primitives import serialization
 
-from qemuca import ca as ca_mod
-from qemuca import profile
-from qemuca.deploy import (DeployOptions, HostReport, _host_modes, _switch_in, enroll_host,
+from qemuca.pki import ca as ca_mod
+from qemuca.pki import profile
+from qemuca.ops.deploy import (DeployOptions, HostReport, _host_modes, _switch_in, enroll_host,
                            staged_key_copy)
 from qemuca.errors import Conflict
-from qemuca.layout import CredentialSet
-from qemuca.store import Store, iso
+from qemuca.hosts.layout import CredentialSet
+from qemuca.store.index import Store, iso
 
 
 def _extra_sans(record) -> List[str]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional
 
 from qemuca.errors import Conflict, NotFound, StoreError
-from qemuca.fs import LocalFS
+from qemuca.hosts.fs import LocalFS
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0

@@ -1,4 +1,4 @@
-"""qemuca.qemuconf: libvirt's virconf grammar, lossless edits, libvirt's TLS resolution."""
+"""qemuca.hosts.qemuconf: libvirt's virconf grammar, lossless edits, libvirt's TLS resolution."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qemuca import qemuconf as qc
+from qemuca.hosts import qemuconf as qc
 from qemuca.errors import ConfigSyntaxError, InvalidInput, NotFound
-from qemuca.fs import LocalFS
+from qemuca.hosts.fs import LocalFS
 
 MANAGED = [qc.CERT_DIR, qc.VERIFY, qc.FORCE, qc.DEFAULT_DIR]
 # Keys libvirt's augeas lens knows, with the value type it accepts.

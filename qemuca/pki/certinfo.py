@@ -14,14 +14,14 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
-from qemuca import profile
+from qemuca.pki import profile
 from qemuca.errors import InvalidInput
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
 MAX_PEM = 1 << 20
 
 # What cryptography raises for malformed DER besides ValueError: found by fuzzing
-# (tests/core/test_fuzz_readers.py). Its parsers are lazy, so these can come from any
+# (tests/pki/test_fuzz_readers.py). Its parsers are lazy, so these can come from any
 # attribute access on a loaded object, not only from load_*.
 PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
                 x509.DuplicateExtension, x509.UnsupportedGeneralNameType)

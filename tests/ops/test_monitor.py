@@ -1,4 +1,4 @@
-"""qemuca.monitor: the checks behind `qemuca check` and the metrics behind `qemuca metrics`,
+"""qemuca.ops.monitor: the checks behind `qemuca check` and the metrics behind `qemuca metrics`,
 on stores built with the core API (certificates, CAs and CRLs dated in the past or
 near future, a rollover in progress, deployments recorded like deploy records them).
 """
@@ -17,10 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from prometheus_client.parser import text_string_to_metric_families
 
-from qemuca import ca, monitor, profile
-from qemuca.ca import CertificateAuthority
+from qemuca.ops import monitor
+from qemuca.pki import ca, profile
+from qemuca.pki.ca import CertificateAuthority
 from qemuca.errors import InvalidInput
-from qemuca.store import NewCert, Store, parse_iso
+from qemuca.store.index import NewCert, Store, parse_iso
 from tests.support.pki import make_store, revoke
 
 HOUR = dt.timedelta(hours=1)

@@ -19,9 +19,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from qemuca import ca, doctor, lifecycle, profile
+from qemuca.ops import lifecycle
+from qemuca.pki import ca, profile
+from qemuca.store import doctor
 from qemuca.errors import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_PASSPHRASE, NotFound, PassphraseError
-from qemuca.store import Store, ca_dir_fingerprint
+from qemuca.store.index import Store, ca_dir_fingerprint
 from tests.support.pki import (audit_actions, issue, make_store, revoke, run_qemuca, snapshot_store,
                                write_secret)
 
@@ -342,7 +344,7 @@ def die_at_commit():
 
 def die_after_commit():
     """In this (child) process, die after COMMIT, when the journal is about to be removed."""
-    import qemuca.store as store_module
+    import qemuca.store.index as store_module
 
     real = store_module._unlink
 

@@ -36,9 +36,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import paramiko
 from cryptography import x509
 
-from qemuca import profile, qemuconf
+from qemuca.hosts import qemuconf
+from qemuca.pki import profile
 from qemuca.errors import EXIT_INTERRUPTED, InvalidInput, NotFound, QemucaError, RemoteError
-from qemuca.layout import CA_BUNDLE, CLIENT_CERT, SERVER_CERT
+from qemuca.hosts.layout import CA_BUNDLE, CLIENT_CERT, SERVER_CERT
 from qemuca.names import host_port
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
@@ -240,7 +241,7 @@ class Revocations:
 
     @classmethod
     def from_store(cls, store) -> "Revocations":
-        from qemuca.ca import CertificateAuthority
+        from qemuca.pki.ca import CertificateAuthority
         from qemuca.errors import StoreError
 
         authority = CertificateAuthority(store)
@@ -277,7 +278,7 @@ class _Host:
     """One end of the probe: its connection, its files (SFTP) and its QEMU."""
 
     def __init__(self, name: str, conn):
-        from qemuca.remotefs import RemoteFS
+        from qemuca.hosts.remotefs import RemoteFS
 
         self.name, self.conn, self.fs = name, conn, RemoteFS(conn)
         self.qemu: Optional[str] = None
@@ -341,7 +342,7 @@ class RemoteQemu:
 
     # -- life
     def start(self) -> None:
-        from qemuca.transport import command_line
+        from qemuca.hosts.ssh import command_line
 
         line = command_line(self.argv)  # the allowlist applies
         try:

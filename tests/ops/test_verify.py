@@ -1,4 +1,4 @@
-"""qemuca.verify on this machine's file system: link containment, the checks on crafted
+"""qemuca.ops.verify on this machine's file system: link containment, the checks on crafted
 files, the daemon's start time against qemu.conf's, pair logic, and the CLI's shape.
 
 The host's absolute paths (/etc/pki/qemu, /etc/libvirt/qemu.conf, /run) are mapped into a
@@ -21,11 +21,13 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from qemuca import install, profile, qemuconf, verify
+from qemuca.hosts import install, qemuconf
+from qemuca.ops import verify
+from qemuca.pki import profile
 from qemuca.cli import cli
 from qemuca.errors import InvalidInput
-from qemuca.fs import LocalFS
-from qemuca.layout import CredentialSet, host_modes
+from qemuca.hosts.fs import LocalFS
+from qemuca.hosts.layout import CredentialSet, host_modes
 
 NOW = profile.utcnow()
 CERT_DIR = "/etc/pki/qemu"

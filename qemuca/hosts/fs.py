@@ -1,6 +1,6 @@
 """The places a credential set can live, behind one small interface.
 
-`LocalFS` works on this machine; `RemoteFS` (qemuca.remotefs) does the same over SFTP.
+`LocalFS` works on this machine; `RemoteFS` (qemuca.hosts.remotefs) does the same over SFTP.
 Everything that writes goes through `write_atomic`: a temp file in the same
 directory, created with its final mode, fsynced, then renamed over the target, so a
 reader sees the old bytes or the new bytes, never a mix, and a crash never leaves a

@@ -17,9 +17,10 @@ from typing import Callable, List, Optional
 
 from cryptography import x509
 
-from qemuca import install, profile, qemuconf
+from qemuca.hosts import install, qemuconf
+from qemuca.pki import profile
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
-from qemuca.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
+from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
 
 DEFAULT_CERT_DIR = "/etc/pki/qemu"
 DEFAULT_QEMU_CONF = "/etc/libvirt/qemu.conf"
@@ -94,7 +95,7 @@ def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
     """
     from cryptography.hazmat.primitives import serialization
 
-    from qemuca.ca import fingerprint
+    from qemuca.pki.ca import fingerprint
 
     cert = x509.load_pem_x509_certificate(creds.files[SERVER_CERT])
     if fingerprint(cert) != creds.fingerprint_sha256:
@@ -279,7 +280,7 @@ def deploy_from_store(conn, fs, authority, host: str, opts: DeployOptions) -> Ho
     An enrolled host's key is not in the store: the key already on the host is reused
     (copied there; check_landed proves it matches before anything is kept).
     """
-    from qemuca.ca import require_host
+    from qemuca.pki.ca import require_host
 
     record = require_host(authority.store, host)
     key = authority.store.key_pem(record.serial)
@@ -302,7 +303,7 @@ def refresh_host(conn, fs, authority, host: str, opts: DeployOptions, bundle: bo
                  ) -> HostReport:
     """Re-place the host's current set with only the CA bundle and/or the CRL renewed
     (revocation rollout, CA rollover): certificates and key stay as they are."""
-    from qemuca.ca import fingerprint
+    from qemuca.pki.ca import fingerprint
 
     modes = _host_modes(conn, fs, opts)
     target = install.CertDir(fs, opts.cert_dir)
@@ -327,7 +328,7 @@ def refresh_host(conn, fs, authority, host: str, opts: DeployOptions, bundle: bo
 
 def rollback_host(conn, fs, cert_dir: str) -> HostReport:
     """Switch back to the previous set; the report names the certificate now in use."""
-    from qemuca.ca import fingerprint
+    from qemuca.pki.ca import fingerprint
 
     result = install.rollback(fs, cert_dir)
     cert = x509.load_pem_x509_certificate(fs.read_bytes(posixpath.join(cert_dir, SERVER_CERT)))
@@ -337,7 +338,7 @@ def rollback_host(conn, fs, cert_dir: str) -> HostReport:
 
 def run_on_host(host: str, connect: Callable, work: Callable) -> HostReport:
     """Connect, run `work(conn, fs)`, always close; any error becomes a failed report."""
-    from qemuca.remotefs import RemoteFS
+    from qemuca.hosts.remotefs import RemoteFS
 
     try:
         with connect(host) as conn:

@@ -29,8 +29,8 @@ from paramiko.sftp_attr import SFTPAttributes
 from paramiko.sftp_file import SFTPFile
 
 from qemuca.errors import RemoteError
-from qemuca.fs import FS, FileStat, temp_name
-from qemuca.transport import Connection
+from qemuca.hosts.fs import FS, FileStat, temp_name
+from qemuca.hosts.ssh import Connection
 
 # Operations that write: an errno-less SFTP failure of one of these is diagnosed with statvfs.
 _WRITES = frozenset({"write", "mkdir", "symlink", "rename", "remove", "rmtree", "chown", "chmod"})

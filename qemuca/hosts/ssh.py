@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import paramiko
 
 from qemuca.errors import HostKeyError, InvalidInput, RemoteError
-from qemuca.fs import LocalFS
+from qemuca.hosts.fs import LocalFS
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_COMMAND_TIMEOUT = 60.0

@@ -8,10 +8,10 @@ import stat
 
 import pytest
 
-from qemuca import install
+from qemuca.hosts import install
 from qemuca.errors import Conflict, NotFound
-from qemuca.fs import LocalFS
-from qemuca.layout import (ALL_FILES, CA_BUNDLE, CLIENT_CERT, CLIENT_KEY, CRL, EXPORT_MODES,
+from qemuca.hosts.fs import LocalFS
+from qemuca.hosts.layout import (ALL_FILES, CA_BUNDLE, CLIENT_CERT, CLIENT_KEY, CRL, EXPORT_MODES,
                            SERVER_CERT, SERVER_KEY, CredentialSet, Modes)
 from tests.support.pki import snapshot_dir
 

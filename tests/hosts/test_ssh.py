@@ -1,4 +1,4 @@
-"""The parts of qemuca.transport that need no server: ssh_config, known_hosts policy, argv quoting.
+"""The parts of qemuca.hosts.ssh that need no server: ssh_config, known_hosts policy, argv quoting.
 
 ssh-keygen and /bin/sh are the references: fingerprints and hashed names must be what
 OpenSSH computes, and quoted argv must reach a real POSIX shell's program unchanged.
@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qemuca.errors import EXIT_HOST_KEY, HostKeyError, InvalidInput
-from qemuca.transport import (
-    COMMANDS, HostTarget, KnownHost, SshOptions, check_host_key, command, command_line,
+from qemuca.hosts.ssh import (
+    COMMANDS, PROGRAMS, HostTarget, KnownHost, SshOptions, check_host_key, command, command_line,
     fingerprint, host_key_status, known_hosts_line, load_ssh_config, parse_jump,
     read_known_hosts, resolve,
 )
@@ -333,7 +333,7 @@ def test_commands_outside_the_allowlist_or_malformed_are_refused(argv):
 def test_templates_fill_one_item_per_value():
     assert command("hostname_f") == ["hostname", "-f"]
     assert command("getent_group", group="x; rm -rf / #") == ["getent", "group", "x; rm -rf / #"]
-    assert all(tpl[0] in __import__("qemuca.transport").transport.PROGRAMS for tpl in COMMANDS.values())
+    assert all(tpl[0] in PROGRAMS for tpl in COMMANDS.values())
     with pytest.raises(InvalidInput):
         command("getent_group")
     with pytest.raises(InvalidInput):

@@ -18,10 +18,10 @@ from typing import Callable, List, Optional, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from qemuca import profile
+from qemuca.pki import profile
 from qemuca.errors import Conflict, InvalidInput, NotFound, PassphraseError, StoreError
 from qemuca.names import host_name, san_value
-from qemuca.store import CertRecord, NewCert, Store, iso, parse_iso
+from qemuca.store.index import CertRecord, NewCert, Store, iso, parse_iso
 
 PassphraseSource = Callable[[], bytes]
 
@@ -367,7 +367,7 @@ def _crl(signer: Signer, revoked: Sequence[CertRecord], number: int, now: dt.dat
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
-    from qemuca.certinfo import PARSE_ERRORS
+    from qemuca.pki.certinfo import PARSE_ERRORS
 
     try:
         csr = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data
@@ -434,7 +434,7 @@ def credential_set(store: Store, ca: CertificateAuthority, host: str):
 
     Hosts enrolled with a CSR have no key here: their key never left the host.
     """
-    from qemuca.layout import CredentialSet
+    from qemuca.hosts.layout import CredentialSet
 
     record = require_host(store, host)
     key = store.key_pem(record.serial)

@@ -10,7 +10,7 @@ the *first* occurrence of a key, so every other active line of a key we set is
 disabled by prefixing DISABLED_PREFIX; `remove_tls` drops the section and strips the
 prefixes, giving back the original bytes. The functions work on text only, so deploy
 can edit a file read over SFTP; `edit_file` is the read/change/atomic-write cycle on
-any qemuca.fs.FS.
+any qemuca.hosts.fs.FS.
 """
 
 from __future__ import annotations
@@ -440,7 +440,7 @@ def unified_diff(before: bytes, after: bytes, path: str) -> str:
                    for line in difflib.unified_diff(a, b, path, path))
 
 
-# --- the read / change / atomic write cycle, on any qemuca.fs.FS -------------------
+# --- the read / change / atomic write cycle, on any qemuca.hosts.fs.FS -------------------
 
 @dataclass(frozen=True)
 class FileEdit:

@@ -25,10 +25,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from qemuca import profile, qemuconf
-from qemuca.ca import fingerprint
+from qemuca.hosts import qemuconf
+from qemuca.pki import profile
+from qemuca.pki.ca import fingerprint
 from qemuca.errors import InvalidInput, NotFound, QemucaError, RemoteError
-from qemuca.layout import (ALL_FILES, CA_BUNDLE, CLIENT_CERT, CLIENT_KEY, CRL, KEY_FILES, SERVER_CERT,
+from qemuca.hosts.layout import (ALL_FILES, CA_BUNDLE, CLIENT_CERT, CLIENT_KEY, CRL, KEY_FILES, SERVER_CERT,
                            SERVER_KEY, host_modes)
 from qemuca.names import host_port
 
@@ -151,8 +152,8 @@ class Reference:
 
     @classmethod
     def from_store(cls, store) -> "Reference":
-        from qemuca.ca import CertificateAuthority
-        from qemuca.certinfo import read_pem_blocks
+        from qemuca.pki.ca import CertificateAuthority
+        from qemuca.pki.certinfo import read_pem_blocks
 
         authority = CertificateAuthority(store)
         crls: List[x509.CertificateRevocationList] = []
@@ -181,7 +182,7 @@ class LocalRunner:
 
     def run(self, argv: Sequence[str], stdin: Optional[bytes] = None, timeout: Optional[float] = None,
             check: bool = False):
-        from qemuca.transport import DEFAULT_COMMAND_TIMEOUT, RunResult, command_line
+        from qemuca.hosts.ssh import DEFAULT_COMMAND_TIMEOUT, RunResult, command_line
 
         command_line(argv)  # the allowlist applies here too
         try:
@@ -198,7 +199,7 @@ class LocalRunner:
 
     def run_command(self, name: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None,
                     check: bool = False, **args: str):
-        from qemuca.transport import command
+        from qemuca.hosts.ssh import command
 
         return self.run(command(name, **args), stdin=stdin, timeout=timeout, check=check)
 
@@ -292,7 +293,7 @@ class CertSet:
 
 
 def read_set(fs, cert_dir: str) -> CertSet:
-    from qemuca.certinfo import load_certificates, read_pem_blocks
+    from qemuca.pki.certinfo import load_certificates, read_pem_blocks
 
     cert_dir = posixpath.normpath(cert_dir)
     st = fs.stat(cert_dir)
@@ -523,7 +524,7 @@ def _dirs_on_path(cert_dir: str, path: str) -> List[str]:
 
 
 def _check_files(h: _Host, cs: CertSet, doc) -> None:
-    from qemuca.deploy import resolve_group
+    from qemuca.ops.deploy import resolve_group
 
     gid, group_problem = None, None
     try:
@@ -754,7 +755,7 @@ def _check_store(h: _Host, cs: CertSet) -> None:
 
 
 def _read_certs(fs, path: str) -> Tuple[List[x509.Certificate], Optional[str]]:
-    from qemuca.certinfo import load_certificates
+    from qemuca.pki.certinfo import load_certificates
 
     try:
         if fs.stat(path) is None:
@@ -909,7 +910,7 @@ def report_unreachable(host: str, error: Exception) -> HostReport:
 def verify_remote(host: str, connect: Callable, opts: VerifyOptions = VerifyOptions(),
                   reference: Optional[Reference] = None, now: Optional[dt.datetime] = None) -> HostReport:
     """Connect, verify, close: an unreachable host or a lost connection is a failed report."""
-    from qemuca.remotefs import RemoteFS
+    from qemuca.hosts.remotefs import RemoteFS
 
     try:
         with connect(host) as conn:
@@ -1232,7 +1233,7 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Check:
 def verify_pair_remote(src: str, dst: str, connect: Callable, opts: PairOptions = PairOptions(),
                        reference: Optional[Reference] = None, now: Optional[dt.datetime] = None) -> PairReport:
     """Connect to both hosts (an unreachable one makes the report an error)."""
-    from qemuca.remotefs import RemoteFS
+    from qemuca.hosts.remotefs import RemoteFS
 
     conns = []
     try:

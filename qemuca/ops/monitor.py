@@ -17,11 +17,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from cryptography import x509
 
-from qemuca.ca import CertificateAuthority, Signer
-from qemuca.certinfo import read_pem_blocks
+from qemuca.pki.ca import CertificateAuthority, Signer
+from qemuca.pki.certinfo import read_pem_blocks
 from qemuca.errors import InvalidInput, QemucaError, StoreError
-from qemuca.profile import utcnow
-from qemuca.store import CertRecord, Store, iso, parse_iso
+from qemuca.pki.profile import utcnow
+from qemuca.store.index import CertRecord, Store, iso, parse_iso
 
 OK, WARNING, CRITICAL = "OK", "WARNING", "CRITICAL"
 EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2}

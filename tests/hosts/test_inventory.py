@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qemuca.errors import EXIT_INVALID_INPUT, InvalidInput
-from qemuca.hostlist import InventoryHost, read_hosts_file, read_inventory
+from qemuca.hosts.inventory import InventoryHost, read_hosts_file, read_inventory
 
 INI = """\
 # ungrouped hosts come before any section

@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Tuple
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from qemuca import profile
+from qemuca.pki import profile
 from qemuca.errors import NotFound, PassphraseError, StoreError
-from qemuca.store import SCHEMA_VERSION, Store, iso
+from qemuca.store.index import SCHEMA_VERSION, Store, iso
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 RANK = {PASS: 0, SKIP: 0, WARN: 1, FAIL: 2}

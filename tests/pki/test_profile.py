@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qemuca import profile
-from qemuca.profile import FAIL, PASS, WARN
+from qemuca.pki import profile
+from qemuca.pki.profile import FAIL, PASS, WARN
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 

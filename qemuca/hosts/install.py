@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from qemuca.errors import Conflict, NotFound, QemucaError
-from qemuca.fs import FS, TEMP_MARK
-from qemuca.layout import ALL_FILES, CLIENT_LINKS, KEY_FILES, SERVER_KEY, CredentialSet, Modes
+from qemuca.hosts.fs import FS, TEMP_MARK
+from qemuca.hosts.layout import ALL_FILES, CLIENT_LINKS, KEY_FILES, SERVER_KEY, CredentialSet, Modes
 
 STATE_DIR = ".qemuca"
 SETS = "sets"

@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from qemuca.findings import FAIL
 from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
@@ -147,7 +149,7 @@ def check_certs(paths: List[Path], ca_cert: Path, key_type: str, hosts: List[str
     for path in (paths[0], paths[-1]):
         cert = x509.load_pem_x509_certificate(path.read_bytes())
         cert.verify_directly_issued_by(ca)
-        bad = [f for f in profile.check_host(cert) if f.result == profile.FAIL]
+        bad = [f for f in profile.check_host(cert) if f.result is FAIL]
         if bad:
             sys.exit(f"bench: {path} fails the QEMU profile: {bad}")
         want = "RSA" if key_type.startswith("rsa") else "ECDSA"

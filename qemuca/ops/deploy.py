@@ -19,6 +19,7 @@ from cryptography import x509
 
 from qemuca.hosts import install, qemuconf
 from qemuca.pki import profile
+from qemuca.pki.checks import fingerprint, issued_by, key_matches
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
 
@@ -95,18 +96,16 @@ def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
     """
     from cryptography.hazmat.primitives import serialization
 
-    from qemuca.pki.ca import fingerprint
 
     cert = x509.load_pem_x509_certificate(creds.files[SERVER_CERT])
     if fingerprint(cert) != creds.fingerprint_sha256:
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} is not the certificate deployed")
     bundle = x509.load_pem_x509_certificates(creds.files[CA_BUNDLE])
-    if not any(profile.issued_by(cert, ca) for ca in bundle):
+    if not any(issued_by(cert, ca) for ca in bundle):
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} does not chain to {CA_BUNDLE}")
     key_path = posixpath.join(cert_dir, SERVER_KEY)
     if SERVER_KEY in creds.files:
-        public = serialization.load_pem_private_key(creds.files[SERVER_KEY], None).public_key()
-        matches = public.public_numbers() == cert.public_key().public_numbers()
+        matches = key_matches(serialization.load_pem_private_key(creds.files[SERVER_KEY], None), cert)
     else:
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
         out = conn.run(["openssl", "pkey", "-in", key_path, "-pubout", "-outform", "DER"], check=True)
@@ -303,7 +302,6 @@ def refresh_host(conn, fs, authority, host: str, opts: DeployOptions, bundle: bo
                  ) -> HostReport:
     """Re-place the host's current set with only the CA bundle and/or the CRL renewed
     (revocation rollout, CA rollover): certificates and key stay as they are."""
-    from qemuca.pki.ca import fingerprint
 
     modes = _host_modes(conn, fs, opts)
     target = install.CertDir(fs, opts.cert_dir)
@@ -328,7 +326,6 @@ def refresh_host(conn, fs, authority, host: str, opts: DeployOptions, bundle: bo
 
 def rollback_host(conn, fs, cert_dir: str) -> HostReport:
     """Switch back to the previous set; the report names the certificate now in use."""
-    from qemuca.pki.ca import fingerprint
 
     result = install.rollback(fs, cert_dir)
     cert = x509.load_pem_x509_certificate(fs.read_bytes(posixpath.join(cert_dir, SERVER_CERT)))

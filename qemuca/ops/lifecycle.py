@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from qemuca.pki import ca as ca_mod
 from qemuca.pki import profile
+from qemuca.pki.checks import fingerprint
 from qemuca.ops.deploy import (DeployOptions, HostReport, _host_modes, _switch_in, enroll_host,
                            staged_key_copy)
 from qemuca.errors import Conflict
@@ -102,7 +103,7 @@ def rollover_start(store: Store, authority, *, key_type: str, days: int, common_
     store.fs.write_atomic(os.path.join(staging, "ca-key.pem"), ca_mod.key_pem(key, passphrase).encode(), 0o600)
     store.fs.write_atomic(os.path.join(staging, "ca-cert.pem"), ca_mod.cert_pem(cert).encode(), 0o644)
     state = {"stage": "started", "started_at": iso(profile.utcnow()),
-             "previous_fingerprint": authority.fingerprint, "new_fingerprint": ca_mod.fingerprint(cert),
+             "previous_fingerprint": authority.fingerprint, "new_fingerprint": fingerprint(cert),
              "two_ca_bundle_sha256": hashlib.sha256(ca_mod.cert_pem(cert).encode() + authority.bundle()
                                                     ).hexdigest()}
     with store.write() as db:

@@ -38,6 +38,7 @@ from cryptography import x509
 
 from qemuca.hosts import qemuconf
 from qemuca.pki import profile
+from qemuca.pki.checks import issued_by
 from qemuca.errors import EXIT_INTERRUPTED, InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.hosts.layout import CA_BUNDLE, CLIENT_CERT, SERVER_CERT
 from qemuca.names import host_port
@@ -258,7 +259,7 @@ class Revocations:
 
     def why(self, cert: x509.Certificate) -> Optional[str]:
         """How `cert` is revoked by this CA, or None (also for another CA's certificate)."""
-        if not profile.issued_by(cert, self.ca_cert):
+        if not issued_by(cert, self.ca_cert):
             return None
         serial = cert.serial_number
         if serial in self.revoked:
@@ -268,7 +269,7 @@ class Revocations:
         return None
 
     def from_this_ca(self, cert: x509.Certificate) -> bool:
-        return profile.issued_by(cert, self.ca_cert)
+        return issued_by(cert, self.ca_cert)
 
 
 # ---------------------------------------------------------------- one host
@@ -977,7 +978,7 @@ class _Probe:
                     f"deploy both hosts from this CA: qemuca deploy {h} --issue (or qemuca enroll {h})")
         peer_certs = self.src_certs if peer == self.s.name else self.dst_certs
         bundle = self.src_bundle if host == self.s.name else self.dst_bundle
-        if peer_certs and bundle and not any(profile.issued_by(peer_certs[0], ca) for ca in bundle):
+        if peer_certs and bundle and not any(issued_by(peer_certs[0], ca) for ca in bundle):
             return (f"{host} does not trust {peer}'s certificate: no CA in {host}'s {CA_BUNDLE} issued it",
                     f"deploy both hosts from the same CA: qemuca deploy {host} {peer}")
         return (f"{host} does not trust {peer}'s certificate (unknown issuer)",

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from qemuca.hosts import qemuconf
 from qemuca.pki import profile
-from qemuca.pki.ca import fingerprint
+from qemuca.pki.checks import fingerprint, issued_by
 from qemuca.errors import InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.hosts.layout import (ALL_FILES, CA_BUNDLE, CLIENT_CERT, CLIENT_KEY, CRL, KEY_FILES, SERVER_CERT,
                            SERVER_KEY, host_modes)
@@ -341,7 +341,7 @@ def _load_key(data: bytes, name: str):
 def issuer_in(cert: x509.Certificate, bundle: Sequence[x509.Certificate]) -> Optional[x509.Certificate]:
     """The CA of the bundle that signed cert. GnuTLS takes every certificate of the CA
     file as a trust anchor, so direct issuance is exactly what QEMU accepts."""
-    return next((ca for ca in bundle if profile.issued_by(cert, ca)), None)
+    return next((ca for ca in bundle if issued_by(cert, ca)), None)
 
 
 def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
@@ -403,7 +403,7 @@ def bundle_problems(bundle: Sequence[x509.Certificate], now: dt.datetime,
     (`own`) must be issued by one of those, and a later CA is not checked at all."""
     out = []
     if len(bundle) > MAX_BUNDLE:
-        pos = next((i for i, ca in enumerate(bundle) if own is not None and profile.issued_by(own, ca)), None)
+        pos = next((i for i, ca in enumerate(bundle) if own is not None and issued_by(own, ca)), None)
         if pos is not None and pos >= MAX_BUNDLE:
             out.append(f"holds {len(bundle)} CAs and the one that issued this host's certificate is "
                        f"#{pos + 1}: QEMU before 10.1 reads only the first {MAX_BUNDLE} and refuses "
@@ -697,7 +697,7 @@ def _check_store(h: _Host, cs: CertSet) -> None:
     if cs.bundle and missing:
         problems.append(f"{CA_BUNDLE} lacks this store's CA '{cn_of(missing[0])}' "
                         f"({_short(fingerprint(missing[0]))}): the host refuses this CA's other hosts")
-    if cert is not None and not any(profile.issued_by(cert, ca) for ca in ref.trusted):
+    if cert is not None and not any(issued_by(cert, ca) for ca in ref.trusted):
         problems.append(f"{SERVER_CERT} was issued by '{cert.issuer.rfc4514_string()}', not by this "
                         f"store's CA {names}")
     if problems:

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from qemuca.pki import profile
+from qemuca.pki.checks import fingerprint, is_encrypted_pem, key_matches
 from qemuca.errors import Conflict, InvalidInput, NotFound, PassphraseError, StoreError
 from qemuca.names import host_name, san_value
 from qemuca.store.index import CertRecord, NewCert, Store, iso, parse_iso
@@ -35,12 +36,6 @@ REVOCATION_REASONS = {
     "privilege-withdrawn": x509.ReasonFlags.privilege_withdrawn,
 }
 DEFAULT_CRL_DAYS = 30
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    from cryptography.hazmat.primitives import hashes
-
-    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def serial_hex(cert: x509.Certificate) -> str:
@@ -176,7 +171,7 @@ class Signer:
             data = self.fs.read_bytes(path)
         except OSError as e:
             raise StoreError(f"CA key {path} is unreadable: {e.strerror}") from None
-        encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+        encrypted = is_encrypted_pem(data)
         password = None
         if encrypted:
             if self._passphrase is None:
@@ -192,7 +187,7 @@ class Signer:
             if encrypted:
                 raise PassphraseError("wrong passphrase for the CA key") from None
             raise StoreError(f"CA key {path} is corrupt") from None
-        if key.public_key().public_numbers() != self.cert.public_key().public_numbers():
+        if not key_matches(key, self.cert):
             raise StoreError(f"CA key {path} does not match the CA certificate")
         return key
 

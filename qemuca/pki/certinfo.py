@@ -14,7 +14,9 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
+from qemuca.findings import FAIL
 from qemuca.pki import profile
+from qemuca.pki.checks import fingerprint
 from qemuca.errors import InvalidInput
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
@@ -74,9 +76,9 @@ def describe_certificate(cert: x509.Certificate, now: Optional[dt.datetime] = No
         "days_left": (cert.not_valid_after_utc - now).days,
         "key": _key_text(cert),
         "signature_hash": cert.signature_hash_algorithm.name if cert.signature_hash_algorithm else None,
-        "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(),
+        "fingerprint_sha256": fingerprint(cert),
         "extensions": [_extension_text(e) for e in cert.extensions],
-        "conforms": all(f.result != profile.FAIL for f in findings),
+        "conforms": all(f.result is not FAIL for f in findings),
         "checks": [f.as_dict() for f in findings],
     }
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, ed448, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qemuca.errors import InvalidInput
+from qemuca.findings import FAIL, PASS, WARN, Finding
 from qemuca.names import is_ip
 
 KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384")
@@ -163,19 +164,6 @@ def build_host_certificate(ca_cert: x509.Certificate, ca_key, host: str, sans: S
 
 # ---------------------------------------------------------------- conformance checks
 
-PASS, WARN, FAIL = "pass", "warn", "fail"
-
-
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    result: str  # pass | warn | fail
-    detail: str
-
-    def as_dict(self):
-        return {"check": self.check, "result": self.result, "detail": self.detail}
-
-
 def _ext(cert, cls):
     try:
         return cert.extensions.get_extension_for_class(cls)
@@ -277,16 +265,3 @@ def _key_finding(cert: x509.Certificate) -> Finding:
         return Finding("key", FAIL, "unsupported public key algorithm")
     problem = key_problem(public)
     return Finding("key", FAIL, problem) if problem else Finding("key", PASS, describe_key(public))
-
-
-def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    """Whether `ca` signed `cert` (names and signature)."""
-    from cryptography.exceptions import InvalidSignature
-
-    if cert.issuer != ca.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(ca)
-        return True
-    except (ValueError, TypeError, InvalidSignature):
-        return False

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from qemuca.pki import profile
+from qemuca.pki.checks import issued_by
 from qemuca.errors import NotFound, PassphraseError, StoreError
 from qemuca.store.index import SCHEMA_VERSION, Store, iso
 
@@ -335,7 +336,7 @@ class _Doctor:
     def issuer_of(self, cert: x509.Certificate, hint: str) -> Optional[KnownCA]:
         first = [self.cas[hint]] if hint in self.cas else []
         for known in first + [k for k in self.cas.values() if k.fingerprint != hint]:
-            if profile.issued_by(cert, known.cert):
+            if issued_by(cert, known.cert):
                 return known
         return None
 

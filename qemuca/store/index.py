@@ -584,11 +584,12 @@ def _statements(script: str) -> List[str]:
 def ca_dir_fingerprint(path: str) -> Optional[str]:
     """SHA-256 fingerprint of DIR/ca-cert.pem; None when there is no readable CA there."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
+
+    from qemuca.pki.checks import fingerprint
 
     try:
         with open(os.path.join(path, "ca-cert.pem"), "rb") as f:
-            return x509.load_pem_x509_certificate(f.read()).fingerprint(hashes.SHA256()).hex()
+            return fingerprint(x509.load_pem_x509_certificate(f.read()))
     except (OSError, ValueError):
         return None
 

@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qemuca.hosts import install
 from qemuca.ops import verify
+from qemuca.pki.checks import fingerprint
 from qemuca.pki import profile
 from qemuca.hosts.fs import LocalFS
 from qemuca.hosts.layout import CredentialSet, host_modes
@@ -131,7 +132,7 @@ def land(host, bundle: bytes, cert, key, crl=None, client=None):
              "client-cert.pem": pem(cert), "client-key.pem": key_pem(key)}
     if crl:
         files["ca-crl.pem"] = crl
-    creds = CredentialSet(host.name, verify.fingerprint(cert), files)
+    creds = CredentialSet(host.name, fingerprint(cert), files)
     gid = gid_of(host)
     install.install(LocalFS(), str(host.path(CERT_DIR)), creds, host_modes(gid))
     if client:

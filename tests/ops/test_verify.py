@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from qemuca.hosts import install, qemuconf
 from qemuca.ops import verify
+from qemuca.pki.checks import fingerprint
 from qemuca.pki import profile
 from qemuca.cli import cli
 from qemuca.errors import InvalidInput
@@ -108,7 +109,7 @@ def host_root(tmp_path, name, ca, leaf=None, bundle=None, conf=True, conf_dir=CE
     files = {"ca-cert.pem": bundle or pem(ca[0]), "server-cert.pem": pem(leaf[0]),
              "server-key.pem": key_pem(leaf[1]), "client-cert.pem": pem(leaf[0]),
              "client-key.pem": key_pem(leaf[1])}
-    install.install(fs, CERT_DIR, CredentialSet(name, verify.fingerprint(leaf[0]), files), host_modes(GID))
+    install.install(fs, CERT_DIR, CredentialSet(name, fingerprint(leaf[0]), files), host_modes(GID))
     if conf:
         text = qemuconf.apply_tls(qemuconf.parse(b"# qemu.conf\n", CONF),
                                   qemuconf.TlsSettings(cert_dir=conf_dir)).to_bytes()

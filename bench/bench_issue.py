@@ -31,9 +31,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 from qemuca.findings import FAIL
-from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 KEY_TYPES = ("ecdsa-p256", "rsa2048", "rsa3072")

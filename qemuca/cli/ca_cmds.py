@@ -8,10 +8,16 @@ import sys
 
 import click
 
-from qemuca.pki import ca, profile
-from qemuca.cli.options import (days_option, hosts_file_option, hosts_from,
-                                passphrase_file_option, passphrase_source, read_passphrase)
+from qemuca.cli.options import (
+    days_option,
+    hosts_file_option,
+    hosts_from,
+    passphrase_file_option,
+    passphrase_source,
+    read_passphrase,
+)
 from qemuca.cli.output import emit_json, json_option, note, print_table
+from qemuca.pki import ca, profile
 
 
 def _open_ca(app, passphrase_file):
@@ -159,8 +165,8 @@ def sign_cmd(app, csr_file, host, sans, days, force, out, passphrase_file, as_js
     Extensions requested in the CSR are ignored: the QEMU profile decides them.
     The certificate is printed (PEM) unless --json or --out is given.
     """
-    from qemuca.pki.certinfo import MAX_PEM
     from qemuca.hosts.inventory import read_user_file
+    from qemuca.pki.certinfo import MAX_PEM
 
     data = read_user_file(csr_file, "CSR file", MAX_PEM)
     _check_out(out)  # before signing: a bad --out must not leave a recorded certificate behind

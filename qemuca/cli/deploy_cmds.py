@@ -7,13 +7,19 @@ import functools
 
 import click
 
-from qemuca.pki import profile
 from qemuca.cli.options import passphrase_file_option, passphrase_source
 from qemuca.cli.output import json_option
-from qemuca.cli.remote import (connector, host_selection, parallel_option, render_reports,
-                               run_with_progress,
-                               select_hosts, ssh_options)
+from qemuca.cli.remote import (
+    connector,
+    host_selection,
+    parallel_option,
+    render_reports,
+    run_with_progress,
+    select_hosts,
+    ssh_options,
+)
 from qemuca.ops.deploy import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF
+from qemuca.pki import profile
 
 
 def host_layout_options(func):
@@ -89,9 +95,9 @@ def deploy_cmd(app, selection, ssh, opts, issue_missing, key_type, crl_only, bun
     Exit 0 when every host succeeded, 1 when any failed (see the table or --json:
     one object per host with host, result, fingerprint_sha256, restart_needed, error).
     """
-    from qemuca.pki import ca
-    from qemuca.ops.deploy import deploy_from_store, refresh_host, run_on_host
     from qemuca.errors import InvalidInput
+    from qemuca.ops.deploy import deploy_from_store, refresh_host, run_on_host
+    from qemuca.pki import ca
 
     if issue_missing and (crl_only or bundle_only):
         raise InvalidInput("--issue does not go with --crl-only or --bundle-only")
@@ -143,9 +149,9 @@ def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, p
     (modes, group, qemu.conf, --restart alike). The certificate is recorded in the
     index once it is in place; any failure leaves the host with its previous set.
     """
-    from qemuca.pki import ca
-    from qemuca.ops.deploy import enroll_host, run_on_host
     from qemuca.names import san_value
+    from qemuca.ops.deploy import enroll_host, run_on_host
+    from qemuca.pki import ca
 
     for value in sans:
         san_value(value)  # refuse a bad --san before touching any host

@@ -28,9 +28,9 @@ def export_cmd(app, host, directory, force, as_json):
     nothing. Use it with QEMU's -object tls-creds-x509,dir=DIR.
     """
     from qemuca.hosts import install
-    from qemuca.pki import ca
     from qemuca.hosts.fs import LocalFS
     from qemuca.hosts.layout import EXPORT_MODES
+    from qemuca.pki import ca
 
     store = app.store()
     authority = ca.CertificateAuthority(store)

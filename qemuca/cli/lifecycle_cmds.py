@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import click
 
-from qemuca.pki import profile
 from qemuca.cli.deploy_cmds import host_layout_options
 from qemuca.cli.options import passphrase_file_option, passphrase_source
 from qemuca.cli.output import emit_json, json_option, note, print_table
-from qemuca.cli.remote import (connector, host_selection, parallel_option, render_reports,
-                               run_with_progress,
-                               select_hosts, ssh_options)
+from qemuca.cli.remote import (
+    connector,
+    host_selection,
+    parallel_option,
+    render_reports,
+    run_with_progress,
+    select_hosts,
+    ssh_options,
+)
+from qemuca.pki import profile
 
 
 def _lifecycle_command(name, verb, doc):
@@ -32,10 +38,10 @@ def _lifecycle_command(name, verb, doc):
     @click.pass_obj
     def command(app, selection, expiring_within, ssh, opts, days, key_type, parallel, passphrase_file,
                 as_json):
-        from qemuca.ops import lifecycle
-        from qemuca.pki import ca
-        from qemuca.ops.deploy import run_on_host
         from qemuca.errors import InvalidInput
+        from qemuca.ops import lifecycle
+        from qemuca.ops.deploy import run_on_host
+        from qemuca.pki import ca
 
         if key_type and name == "renew":
             raise InvalidInput("renew keeps each host's key: use rekey for a new key type")
@@ -136,9 +142,9 @@ def rollover_start_cmd(app, common_name, organization, key_type, days, passphras
     The new key is encrypted with the same passphrase as the current one (or not,
     when the current key is not). Next: 'qemuca deploy --bundle-only --all'.
     """
+    from qemuca.names import subject_text
     from qemuca.ops import lifecycle
     from qemuca.pki import ca
-    from qemuca.names import subject_text
 
     common_name = subject_text("--cn", common_name)
     organization = subject_text("--org", organization)
@@ -178,10 +184,10 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     received the two-CA bundle: finishing then would break its migrations. If some
     hosts cannot be reached, the old CA stays until a rerun reaches them all.
     """
-    from qemuca.ops import lifecycle
-    from qemuca.pki import ca
-    from qemuca.ops.deploy import refresh_host, run_on_host
     from qemuca.errors import Conflict
+    from qemuca.ops import lifecycle
+    from qemuca.ops.deploy import refresh_host, run_on_host
+    from qemuca.pki import ca
 
     store = app.store()
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))

@@ -21,8 +21,8 @@ def read_passphrase(path) -> bytes:
     import os
     import stat
 
-    from qemuca.pki.ca import read_passphrase_file
     from qemuca.errors import PassphraseError
+    from qemuca.pki.ca import read_passphrase_file
 
     try:
         mode = os.stat(path).st_mode

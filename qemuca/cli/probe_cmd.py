@@ -8,10 +8,8 @@ import threading
 import click
 
 from qemuca.cli.output import RESULT_STYLE, emit_json, json_option, note, print_checks
-from qemuca.cli.remote import (connector, host_selection, parallel_option, run_with_progress, select_hosts,
-                               ssh_options)
+from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
 from qemuca.ops.probe import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF, DEFAULT_RAM_MIB
-
 
 
 @click.command("probe")
@@ -67,8 +65,8 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
     Exit 0 when every probe passes, 1 when any fails (a host that cannot be reached is
     a failed probe).
     """
-    from qemuca.ops import probe
     from qemuca.errors import InvalidInput
+    from qemuca.ops import probe
 
     many = matrix or pairs_file
     if matrix and pairs_file:

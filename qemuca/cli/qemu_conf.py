@@ -6,8 +6,8 @@ import os
 
 import click
 
-from qemuca.hosts import qemuconf
 from qemuca.cli.output import emit_json, json_option, note, print_fields
+from qemuca.hosts import qemuconf
 
 RESTART_HINT = ("restart libvirt for this to take effect: systemctl try-restart virtqemud "
                 "(modular daemons) or libvirtd (monolithic)")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import click
 
 from qemuca.cli.output import emit_json, json_option, print_checks
-from qemuca.cli.remote import (connector, host_selection, parallel_option, run_with_progress,
-                               select_hosts, ssh_options)
+from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
 from qemuca.ops.verify import DEFAULT_CERT_DIR, DEFAULT_PORT, DEFAULT_QEMU_CONF, DEFAULT_WARN_DAYS
-
 
 
 @click.command("verify")

@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from qemuca.errors import InvalidInput
 
-
 MAX_INPUT = 16 << 20  # a hosts file or inventory beyond this is not one
 
 

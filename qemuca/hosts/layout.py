@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+DEFAULT_CERT_DIR = "/etc/pki/qemu"  # where libvirt (default_tls_x509_cert_dir) and qemuca look
+
 CA_BUNDLE = "ca-cert.pem"
 SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
@@ -68,7 +70,7 @@ class CredentialSet:
     @classmethod
     def build(cls, host: str, fingerprint_sha256: str, ca_bundle: bytes, cert: bytes,
               key: Optional[bytes], crl: Optional[bytes] = None,
-              key_on_host: Optional[str] = None) -> "CredentialSet":
+              key_on_host: Optional[str] = None) -> CredentialSet:
         files = {CA_BUNDLE: ca_bundle, SERVER_CERT: cert, CLIENT_CERT: cert}
         if key is not None:
             files.update({SERVER_KEY: key, CLIENT_KEY: key})

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, FrozenSet, List, Optional, Tuple, Union
 
 from qemuca.errors import ConfigSyntaxError, InvalidInput, NotFound
+from qemuca.hosts.layout import DEFAULT_CERT_DIR
 
 DEFAULT_PATH = "/etc/libvirt/qemu.conf"
-DEFAULT_CERT_DIR = "/etc/pki/qemu"  # libvirt's built-in default_tls_x509_cert_dir
 LIBVIRT_MIGRATE_DIR = "/etc/pki/libvirt-migrate"  # used by libvirt when it exists
 BEGIN_MARKER = "## beginning of configuration section by qemuca"
 END_MARKER = "## end of configuration section by qemuca"

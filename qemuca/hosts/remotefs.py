@@ -23,8 +23,14 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import paramiko
-from paramiko.sftp import (CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_HANDLE, SFTP_FLAG_CREATE,
-                           SFTP_FLAG_EXCL, SFTP_FLAG_WRITE)
+from paramiko.sftp import (
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_HANDLE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_WRITE,
+)
 from paramiko.sftp_attr import SFTPAttributes
 from paramiko.sftp_file import SFTPFile
 

@@ -17,11 +17,10 @@ from typing import Callable, List, Optional
 
 from cryptography import x509
 
-from qemuca.hosts import install, qemuconf
-from qemuca.pki import profile
-from qemuca.pki.checks import fingerprint, issued_by, key_matches
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
+from qemuca.hosts import install, qemuconf
 from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
+from qemuca.pki.checks import fingerprint, issued_by, key_matches
 
 DEFAULT_CERT_DIR = "/etc/pki/qemu"
 DEFAULT_QEMU_CONF = "/etc/libvirt/qemu.conf"

@@ -23,13 +23,12 @@ from typing import List, Optional
 
 from cryptography.hazmat.primitives import serialization
 
+from qemuca.errors import Conflict
+from qemuca.hosts.layout import CredentialSet
+from qemuca.ops.deploy import DeployOptions, HostReport, _host_modes, _switch_in, enroll_host, staged_key_copy
 from qemuca.pki import ca as ca_mod
 from qemuca.pki import profile
 from qemuca.pki.checks import fingerprint
-from qemuca.ops.deploy import (DeployOptions, HostReport, _host_modes, _switch_in, enroll_host,
-                           staged_key_copy)
-from qemuca.errors import Conflict
-from qemuca.hosts.layout import CredentialSet
 from qemuca.store.index import Store, iso
 
 

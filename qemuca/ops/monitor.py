@@ -17,9 +17,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from cryptography import x509
 
+from qemuca.errors import InvalidInput, QemucaError, StoreError
 from qemuca.pki.ca import CertificateAuthority, Signer
 from qemuca.pki.certinfo import read_pem_blocks
-from qemuca.errors import InvalidInput, QemucaError, StoreError
 from qemuca.pki.profile import utcnow
 from qemuca.store.index import CertRecord, Store, iso, parse_iso
 

@@ -36,12 +36,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import paramiko
 from cryptography import x509
 
-from qemuca.hosts import qemuconf
-from qemuca.pki import profile
-from qemuca.pki.checks import issued_by
 from qemuca.errors import EXIT_INTERRUPTED, InvalidInput, NotFound, QemucaError, RemoteError
+from qemuca.hosts import qemuconf
 from qemuca.hosts.layout import CA_BUNDLE, CLIENT_CERT, SERVER_CERT
 from qemuca.names import host_port
+from qemuca.pki import profile
+from qemuca.pki.checks import issued_by
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 DEFAULT_CERT_DIR = "/etc/pki/qemu"
@@ -241,9 +241,9 @@ class Revocations:
     crl: Optional[x509.CertificateRevocationList] = None
 
     @classmethod
-    def from_store(cls, store) -> "Revocations":
-        from qemuca.pki.ca import CertificateAuthority
+    def from_store(cls, store) -> Revocations:
         from qemuca.errors import StoreError
+        from qemuca.pki.ca import CertificateAuthority
 
         authority = CertificateAuthority(store)
         revoked = {int(r.serial, 16): f"{r.host}, revoked {r.revoked_at[:10]}"

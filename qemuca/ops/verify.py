@@ -25,13 +25,22 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from qemuca.errors import InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.hosts import qemuconf
+from qemuca.hosts.layout import (
+    ALL_FILES,
+    CA_BUNDLE,
+    CLIENT_CERT,
+    CLIENT_KEY,
+    CRL,
+    KEY_FILES,
+    SERVER_CERT,
+    SERVER_KEY,
+    host_modes,
+)
+from qemuca.names import host_port
 from qemuca.pki import profile
 from qemuca.pki.checks import fingerprint, issued_by
-from qemuca.errors import InvalidInput, NotFound, QemucaError, RemoteError
-from qemuca.hosts.layout import (ALL_FILES, CA_BUNDLE, CLIENT_CERT, CLIENT_KEY, CRL, KEY_FILES, SERVER_CERT,
-                           SERVER_KEY, host_modes)
-from qemuca.names import host_port
 
 PASS, WARN, FAIL, SKIP = profile.PASS, profile.WARN, profile.FAIL, "skip"
 RANK = {SKIP: 0, PASS: 0, WARN: 1, FAIL: 2}
@@ -151,7 +160,7 @@ class Reference:
         return self.trusted[0]
 
     @classmethod
-    def from_store(cls, store) -> "Reference":
+    def from_store(cls, store) -> Reference:
         from qemuca.pki.ca import CertificateAuthority
         from qemuca.pki.certinfo import read_pem_blocks
 

@@ -18,10 +18,10 @@ from typing import Callable, List, Optional, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from qemuca.pki import profile
-from qemuca.pki.checks import fingerprint, is_encrypted_pem, key_matches
 from qemuca.errors import Conflict, InvalidInput, NotFound, PassphraseError, StoreError
 from qemuca.names import host_name, san_value
+from qemuca.pki import profile
+from qemuca.pki.checks import fingerprint, is_encrypted_pem, key_matches
 from qemuca.store.index import CertRecord, NewCert, Store, iso, parse_iso
 
 PassphraseSource = Callable[[], bytes]

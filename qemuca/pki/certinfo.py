@@ -12,12 +12,12 @@ from typing import List, Optional, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
+from qemuca.errors import InvalidInput
 from qemuca.findings import FAIL
 from qemuca.pki import profile
 from qemuca.pki.checks import fingerprint
-from qemuca.errors import InvalidInput
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
 MAX_PEM = 1 << 20

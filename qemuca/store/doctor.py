@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Tuple
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from qemuca.errors import NotFound, PassphraseError, StoreError
 from qemuca.pki import profile
 from qemuca.pki.checks import issued_by
-from qemuca.errors import NotFound, PassphraseError, StoreError
 from qemuca.store.index import SCHEMA_VERSION, Store, iso
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"

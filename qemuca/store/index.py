@@ -126,7 +126,7 @@ class CertRecord:
     revocation_reason: Optional[str] = None
 
     @classmethod
-    def from_row(cls, row) -> "CertRecord":
+    def from_row(cls, row) -> CertRecord:
         values = list(row)
         values[2] = json.loads(values[2])
         return cls(*values)
@@ -191,7 +191,7 @@ class Store:
 
     # -- opening
     @classmethod
-    def open(cls, home: str) -> "Store":
+    def open(cls, home: str) -> Store:
         """An existing store; NotFound when no CA was initialised there."""
         store = cls(home)
         cert, index = os.path.exists(store.ca_cert_path), os.path.exists(store.index_path)

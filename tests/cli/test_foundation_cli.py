@@ -18,12 +18,26 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qemuca.errors import (EXIT_CONFLICT, EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_NOT_FOUND,
-                           EXIT_PASSPHRASE, EXIT_STORE)
+from qemuca.errors import EXIT_CONFLICT, EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_NOT_FOUND, EXIT_PASSPHRASE, EXIT_STORE
 from qemuca.hosts.layout import CRL
-from tests.support.pki import (assert_error, assert_ok, audit_actions, current, current_cert,
-                               export_set, issue, load_cert, make_store, revoke, run_many, run_qemuca,
-                               snapshot_dir, snapshot_store, tamper_signature, write_secret)
+from tests.support.pki import (
+    assert_error,
+    assert_ok,
+    audit_actions,
+    current,
+    current_cert,
+    export_set,
+    issue,
+    load_cert,
+    make_store,
+    revoke,
+    run_many,
+    run_qemuca,
+    snapshot_dir,
+    snapshot_store,
+    tamper_signature,
+    write_secret,
+)
 from tests.support.tools import require_tool
 
 SECRET = "correct horse battery staple"

@@ -11,8 +11,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from qemuca.hosts import qemuconf as qc
 from qemuca.cli import cli
+from qemuca.hosts import qemuconf as qc
 
 ORIGINAL = (b"# qemu.conf\n"
             b"migrate_tls_x509_cert_dir = \"/other\"\n"

@@ -8,11 +8,21 @@ import stat
 
 import pytest
 
-from qemuca.hosts import install
 from qemuca.errors import Conflict, NotFound
+from qemuca.hosts import install
 from qemuca.hosts.fs import LocalFS
-from qemuca.hosts.layout import (ALL_FILES, CA_BUNDLE, CLIENT_CERT, CLIENT_KEY, CRL, EXPORT_MODES,
-                           SERVER_CERT, SERVER_KEY, CredentialSet, Modes)
+from qemuca.hosts.layout import (
+    ALL_FILES,
+    CA_BUNDLE,
+    CLIENT_CERT,
+    CLIENT_KEY,
+    CRL,
+    EXPORT_MODES,
+    SERVER_CERT,
+    SERVER_KEY,
+    CredentialSet,
+    Modes,
+)
 from tests.support.pki import snapshot_dir
 
 FS = LocalFS()

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qemuca.hosts import qemuconf as qc
 from qemuca.errors import ConfigSyntaxError, InvalidInput, NotFound
+from qemuca.hosts import qemuconf as qc
 from qemuca.hosts.fs import LocalFS
 
 MANAGED = [qc.CERT_DIR, qc.VERIFY, qc.FORCE, qc.DEFAULT_DIR]

@@ -22,9 +22,21 @@ from hypothesis import strategies as st
 
 from qemuca.errors import EXIT_HOST_KEY, HostKeyError, InvalidInput
 from qemuca.hosts.ssh import (
-    COMMANDS, PROGRAMS, HostTarget, KnownHost, SshOptions, check_host_key, command, command_line,
-    fingerprint, host_key_status, known_hosts_line, load_ssh_config, parse_jump,
-    read_known_hosts, resolve,
+    COMMANDS,
+    PROGRAMS,
+    HostTarget,
+    KnownHost,
+    SshOptions,
+    check_host_key,
+    command,
+    command_line,
+    fingerprint,
+    host_key_status,
+    known_hosts_line,
+    load_ssh_config,
+    parse_jump,
+    read_known_hosts,
+    resolve,
 )
 from tests.support.tools import require_tool
 

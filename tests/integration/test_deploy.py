@@ -25,15 +25,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qemuca.hosts import qemuconf
+from qemuca.hosts.ssh import fingerprint as ssh_fingerprint
 from qemuca.pki.ca import CertificateAuthority, fingerprint
 from qemuca.store.index import Store
-from qemuca.hosts.ssh import fingerprint as ssh_fingerprint
 from tests.support.augeas import lens_read, virconf_read
 from tests.support.fakehosts import DEFAULT_QEMU_CONF, FakeHost, Fleet, start_fleet
 from tests.support.faults import FaultProxy, close_all, write_proxy_client_files
 from tests.support.fixtures import require_fleet_tools
-from tests.support.pki import (assert_ok, current, index_rows, issue, make_store, run_many,
-                               run_qemuca)
+from tests.support.pki import assert_ok, current, index_rows, issue, make_store, run_many, run_qemuca
 from tests.support.qemu_migration import QEMU, Endpoint, migrate
 from tests.support.tools import require_tool
 

@@ -28,8 +28,17 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from tests.integration.test_deploy import (CERT_DIR, FAULTS, QEMU_CONF, conf_state, host_set,
-                                           reports_of, ssh_args, store_fp, tree)
+from tests.integration.test_deploy import (
+    CERT_DIR,
+    FAULTS,
+    QEMU_CONF,
+    conf_state,
+    host_set,
+    reports_of,
+    ssh_args,
+    store_fp,
+    tree,
+)
 from tests.support.augeas import lens_read
 from tests.support.fakehosts import FakeHost, _gone
 from tests.support.faults import FaultProxy, _close, close_all, write_proxy_client_files

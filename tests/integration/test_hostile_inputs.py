@@ -29,11 +29,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from qemuca.errors import (EXIT_CONFLICT, EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_IO, EXIT_NOT_FOUND,
-                           EXIT_PASSPHRASE, EXIT_USAGE)
+from qemuca.errors import (
+    EXIT_CONFLICT,
+    EXIT_FAILED,
+    EXIT_INVALID_INPUT,
+    EXIT_IO,
+    EXIT_NOT_FOUND,
+    EXIT_PASSPHRASE,
+    EXIT_USAGE,
+)
 from tests.pki.test_fuzz_readers import SAMPLES, csr_with_bitstring_cn, csr_with_version, pem
-from tests.support.pki import (assert_error, export_set, make_store, run_qemuca, snapshot_store,
-                               tamper_signature, write_secret)
+from tests.support.pki import (
+    assert_error,
+    export_set,
+    make_store,
+    run_qemuca,
+    snapshot_store,
+    tamper_signature,
+    write_secret,
+)
 
 SECRET = "correct horse battery staple"
 CASE_TIMEOUT = 60  # a case that blocks (a FIFO read) fails instead of hanging the suite

@@ -25,8 +25,7 @@ import pytest
 from qemuca.pki import ca, profile
 from tests.support.fakehosts import FakeHost, Fleet, start_fleet
 from tests.support.fixtures import require_fleet_tools
-from tests.support.pki import (assert_ok, authority, export_set, make_store, popen_qemuca, run_many,
-                               run_qemuca)
+from tests.support.pki import assert_ok, authority, export_set, make_store, popen_qemuca, run_many, run_qemuca
 from tests.support.qemu_migration import QEMU
 from tests.support.tools import require_tool
 

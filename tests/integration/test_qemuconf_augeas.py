@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qemuca.hosts import qemuconf as qc
 from qemuca.errors import ConfigSyntaxError
+from qemuca.hosts import qemuconf as qc
 from tests.hosts.test_qemuconf import FILES, LENS_FILES, TRICKY, tls_settings
 from tests.support.augeas import lens_read, lens_read_one, virconf_parse, virconf_read
 from tests.support.tools import missing

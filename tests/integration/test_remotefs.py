@@ -78,7 +78,7 @@ def test_write_atomic_sequence_seen_by_the_sftp_server(host_fs):
     assert os.path.dirname(tmp) == DIR and "qemuca-tmp" in tmp
     assert events[0] == f'open "{tmp}" flags WRITE,CREATE,EXCL mode 0600'
     assert events[1:3] == [f'set "{tmp}" owner 0 group {gid}', f'set "{tmp}" mode 0644']
-    assert events[3].startswith(f"debug1: request ") and f'write "{tmp}"' in events[3]
+    assert events[3].startswith("debug1: request ") and f'write "{tmp}"' in events[3]
     assert events[4:6] == [f'fsync "{tmp}"', f'close "{tmp}" bytes read 0 written 100']
     assert events[6] == f'posix-rename old "{tmp}" new "{DIR}/ca-cert.pem"'
 

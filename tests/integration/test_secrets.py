@@ -159,7 +159,7 @@ def key_needles(key) -> List[bytes]:
         out += pem_lines(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
         out.append(key.private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption()))
     numbers = key.private_numbers()
-    secret = getattr(numbers, "private_value", None) or getattr(numbers, "d")
+    secret = getattr(numbers, "private_value", None) or numbers.d
     raw = secret.to_bytes((secret.bit_length() + 7) // 8, "big")
     return out + [raw, raw.hex().encode()]
 

@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qemuca.hosts import install
-from qemuca.ops import verify
-from qemuca.pki.checks import fingerprint
-from qemuca.pki import profile
 from qemuca.hosts.fs import LocalFS
 from qemuca.hosts.layout import CredentialSet, host_modes
-from qemuca.store.index import Store
 from qemuca.hosts.ssh import SshOptions, connect
+from qemuca.ops import verify
+from qemuca.pki import profile
+from qemuca.pki.checks import fingerprint
+from qemuca.store.index import Store
 from tests.support.pki import assert_ok, authority, make_store, revoke, run_qemuca
 from tests.support.qemu_migration import QEMU, Endpoint, migrate
 from tests.support.tools import require_tool

@@ -17,10 +17,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from prometheus_client.parser import text_string_to_metric_families
 
+from qemuca.errors import InvalidInput
 from qemuca.ops import monitor
 from qemuca.pki import ca, profile
 from qemuca.pki.ca import CertificateAuthority
-from qemuca.errors import InvalidInput
 from qemuca.store.index import NewCert, Store, parse_iso
 from tests.support.pki import make_store, revoke
 

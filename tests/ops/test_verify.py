@@ -21,14 +21,14 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from qemuca.hosts import install, qemuconf
-from qemuca.ops import verify
-from qemuca.pki.checks import fingerprint
-from qemuca.pki import profile
 from qemuca.cli import cli
 from qemuca.errors import InvalidInput
+from qemuca.hosts import install, qemuconf
 from qemuca.hosts.fs import LocalFS
 from qemuca.hosts.layout import CredentialSet, host_modes
+from qemuca.ops import verify
+from qemuca.pki import profile
+from qemuca.pki.checks import fingerprint
 
 NOW = profile.utcnow()
 CERT_DIR = "/etc/pki/qemu"

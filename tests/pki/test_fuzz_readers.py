@@ -24,9 +24,9 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from qemuca.pki import ca, certinfo, profile
 from qemuca.errors import InvalidInput
 from qemuca.hosts.inventory import read_hosts_file
+from qemuca.pki import ca, certinfo, profile
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -19,13 +19,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from qemuca.errors import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_PASSPHRASE, NotFound, PassphraseError
 from qemuca.ops import lifecycle
 from qemuca.pki import ca, profile
 from qemuca.store import doctor
-from qemuca.errors import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_PASSPHRASE, NotFound, PassphraseError
 from qemuca.store.index import Store, ca_dir_fingerprint
-from tests.support.pki import (audit_actions, issue, make_store, revoke, run_qemuca, snapshot_store,
-                               write_secret)
+from tests.support.pki import audit_actions, issue, make_store, revoke, run_qemuca, snapshot_store, write_secret
 
 SECRET = b"correct horse battery staple"
 

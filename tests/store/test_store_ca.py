@@ -11,13 +11,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from qemuca.pki import ca, profile
-from qemuca.pki.checks import fingerprint
 from qemuca.errors import Conflict, InvalidInput, NotFound, PassphraseError, StoreError
 from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_KEY
+from qemuca.pki import ca, profile
+from qemuca.pki.checks import fingerprint
 from qemuca.store.index import Store
-from tests.support.pki import (audit_actions, authority, index_rows, issue, make_store, revoke,
-                               snapshot_store, tamper_signature, write_secret)
+from tests.support.pki import (
+    audit_actions,
+    authority,
+    index_rows,
+    issue,
+    make_store,
+    revoke,
+    snapshot_store,
+    tamper_signature,
+    write_secret,
+)
 
 SECRET = b"correct horse battery staple"
 

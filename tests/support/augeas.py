@@ -77,7 +77,7 @@ def lens_read_one(path: str) -> LensResult:
     return lens_read([path])[os.path.abspath(path)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libvirt():
     name = ctypes.util.find_library("virt") or "libvirt.so.0"
     try:

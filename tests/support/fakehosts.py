@@ -490,7 +490,7 @@ def start_fleet(n: int, base: Path, names: Sequence[str] | None = None,
     return fleet
 
 
-_live: "weakref.WeakSet[Fleet]" = weakref.WeakSet()
+_live: weakref.WeakSet[Fleet] = weakref.WeakSet()
 
 
 @atexit.register

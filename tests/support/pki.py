@@ -18,9 +18,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from cryptography import x509
 
 from qemuca.hosts import install
-from qemuca.pki import ca
 from qemuca.hosts.fs import LocalFS
 from qemuca.hosts.layout import EXPORT_MODES
+from qemuca.pki import ca
 from qemuca.store.index import Store
 
 QEMUCA = [sys.executable, "-m", "qemuca"]

@@ -185,7 +185,7 @@ def ansible_files(work: Path, fleet, n: int, cert_dir: str, conf: str, group: st
 
 def timed(cmd: List[str], **kw) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    proc = subprocess.run(cmd, capture_output=True, **kw)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"bench: {' '.join(map(str, cmd[:6]))} ... failed ({proc.returncode}):\n"

@@ -127,7 +127,7 @@ def timed(cmd: List[str], **kw) -> dict:
     """Run a child to completion; its wall time and the CPU time of it and its children."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    proc = subprocess.run(cmd, capture_output=True, **kw)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:

@@ -164,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, self_ms, cum_ms in report["extra_by_self_ms"]:
             print(f"  {self_ms:7.2f} ms self {cum_ms:8.2f} ms cumulative  {name}")
         print("largest cumulative imports overall:")
-        for name, self_ms, cum_ms in report["all_by_cumulative_ms"]:
+        for name, _self_ms, cum_ms in report["all_by_cumulative_ms"]:
             print(f"  {cum_ms:8.2f} ms cumulative  {name}")
 
     out = Path(args.out)

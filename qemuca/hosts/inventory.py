@@ -224,7 +224,8 @@ class _Inventory:
 def _parse_ini(inv: _Inventory, raw: bytes) -> None:
     """Ansible's INI format: hosts before any section are ungrouped; [g], [g:children], [g:vars]."""
     group, state = "ungrouped", "hosts"
-    declared, needed = {"all", "ungrouped"}, {}  # groups named by :vars/:children -> where
+    declared = {"all", "ungrouped"}
+    needed: Dict[str, str] = {}  # groups named by :vars/:children -> where
     for number, line_bytes in enumerate(raw.splitlines(), 1):
         where = f"{inv.path}:{number}"
         if line_bytes.lstrip()[:1] in (b"#", b";"):
@@ -287,13 +288,12 @@ def _host_pattern(token: str, variables: Dict[str, Any], where: str) -> List[str
     if token.endswith(":"):
         raise InvalidInput(f"{where}: host pattern {_short(token)} ends with ':' (kept for a port)")
     ipv6 = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]+))?", token)
-    port = re.fullmatch(r"(.*):([0-9]+)", token)
+    with_port = re.fullmatch(r"(.*):([0-9]+)", token)
+    port: Optional[str] = None
     if ipv6 and _is_ipv6(ipv6.group(1)):
         token, port = ipv6.group(1), ipv6.group(2)
-    elif port and re.sub(r"\[[^\[\]]*\]", "", token).count(":") == 1:  # not a bare IPv6
-        token, port = port.group(1), port.group(2)
-    else:
-        port = None
+    elif with_port and re.sub(r"\[[^\[\]]*\]", "", token).count(":") == 1:  # not a bare IPv6
+        token, port = with_port.group(1), with_port.group(2)
     if port is not None:
         variables.setdefault("ansible_port", port)  # an explicit ansible_port wins, as in Ansible
     names, rest = [""], token

@@ -301,7 +301,10 @@ class CertificateAuthority:
         with self.store.write() as db:
             self.store.revoke_in(db, record.serial, reason, profile.utcnow())
             self._write_crl_in(db, crl_days)
-        return self.store.by_serial(record.serial)
+        revoked = self.store.by_serial(record.serial)
+        if revoked is None:  # the row was there inside the transaction
+            raise StoreError(f"certificate {record.serial} vanished from the index")
+        return revoked
 
     def write_crl(self, days: int = DEFAULT_CRL_DAYS) -> bytes:
         """Sign the CRL of every trusted CA and store them, concatenated, as crl.pem.
@@ -321,7 +324,7 @@ class CertificateAuthority:
 
     def _unlock_crl_signers(self, extra: Sequence[CertRecord]) -> None:
         for signer in self._crl_signers(list(self.store.revoked()) + list(extra)):
-            signer.key  # unlock every key before the transaction
+            _ = signer.key  # unlock every key before the transaction
 
     def _write_crl_in(self, db, days: int) -> bytes:
         """The CRL of what the index holds now, read inside the caller's transaction, so
@@ -352,7 +355,7 @@ def _crl(signer: Signer, revoked: Sequence[CertRecord], number: int, now: dt.dat
     for rec in revoked:
         entry = (x509.RevokedCertificateBuilder()
                  .serial_number(int(rec.serial, 16))
-                 .revocation_date(parse_iso(rec.revoked_at)))
+                 .revocation_date(parse_iso(rec.revoked_at or "")))
         if rec.revocation_reason and rec.revocation_reason != "unspecified":
             entry = entry.add_extension(x509.CRLReason(REVOCATION_REASONS[rec.revocation_reason]),
                                         critical=False)

@@ -120,6 +120,7 @@ def san_entries(host: str, extra: Iterable) -> List[x509.GeneralName]:
     """dNSName host first, then each extra SAN (str -> dNSName, IP -> iPAddress), no repeats."""
     entries: List[x509.GeneralName] = [x509.DNSName(host)]
     for value in extra:
+        entry: x509.GeneralName
         if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
             entry = x509.IPAddress(value)
         else:

@@ -431,7 +431,7 @@ def test_read_only_dirs_and_a_drop_during_the_switch_back(fleet_factory, tmp_pat
             read_only(h, "/etc/libvirt")
         issue(home, *names, force=True)
         set_b = {n: store_fp(home, n) for n in names}
-        for h, proxy, step in zip(ro_conf, proxies[1:], drop_steps):
+        for _h, proxy, step in zip(ro_conf, proxies[1:], drop_steps):
             if step is not None:
                 proxy.arm(f"switch back, pointer step {step}", POINTER, nth=step)
 
@@ -527,7 +527,7 @@ def test_hung_hosts_time_out_and_the_others_finish(fleet_factory, tmp_path):
         for proxy, (label, trigger) in zip(proxies, HANGS):
             if trigger not in (None, "connect"):  # hung up at once: nothing more was asked
                 assert proxy.ops_after_fault() == [], label
-        for host, proxy, (label, trigger) in zip(hosts, proxies, HANGS):
+        for host, _proxy, (label, _trigger) in zip(hosts, proxies, HANGS):
             state = (which_set(host, set_a[host.name], set_b[host.name]), conf_state(host, conf_a[host.name]))
             rows.append([label, got[host.name]["result"], *state])
         conf_check(hosts)

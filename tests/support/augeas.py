@@ -82,7 +82,7 @@ def _libvirt():
     name = ctypes.util.find_library("virt") or "libvirt.so.0"
     try:
         lib = ctypes.CDLL(name)
-        lib.virConfReadFile
+        _ = lib.virConfReadFile  # AttributeError when this libvirt lacks it
     except (OSError, AttributeError):
         return None
     lib.virInitialize()  # sets up libvirt's error reporting

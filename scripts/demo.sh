@@ -5,6 +5,7 @@
 # inspect, openssl verify) and runs a real mutual-TLS handshake between the two
 # sets over 127.0.0.1 with the destination's host name checked.
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 command -v openssl >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends openssl; }
 ./scripts/setup-venv.sh

@@ -4,6 +4,7 @@
 # lens), fetches Debian's stock qemu.conf, installs qemuca into .venv and runs pytest.
 # Extra arguments go to pytest.
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 ./scripts/install-test-deps.sh
 ./scripts/fetch-stock-qemu-conf.sh

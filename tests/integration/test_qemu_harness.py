@@ -128,11 +128,11 @@ def test_unloadable_credentials_fail_fast_with_qemus_message(qemu_migrate, pki, 
         (broken / name).write_bytes((pki / "host2" / name).read_bytes())
     started = time.monotonic()
     result = qemu_migrate(Endpoint(str(pki / "host1")), Endpoint(str(broken)), "host2.qemu.test",
-                          timeout=10)
+                          timeout=120)
     assert not result.completed
     assert "server-key.pem" in result.error
     assert result.src_status == "not-started"
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # it failed at once, not at the 120 s timeout
     # The source's client credentials are checked too: a key that is not the cert's.
     (broken / "client-cert.pem").write_bytes((pki / "host2" / "server-cert.pem").read_bytes())
     (broken / "client-key.pem").write_bytes((pki / "host1" / "server-key.pem").read_bytes())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import unicodedata
 from typing import List, Optional, Tuple
 
 from cryptography import x509
@@ -18,6 +17,7 @@ from qemuca.errors import InvalidInput
 from qemuca.findings import FAIL
 from qemuca.pki import profile
 from qemuca.pki.checks import fingerprint
+from qemuca.text import printable
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
 MAX_PEM = 1 << 20
@@ -27,13 +27,6 @@ MAX_PEM = 1 << 20
 # attribute access on a loaded object, not only from load_*.
 PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
                 x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
-
-
-def printable(text: str) -> str:
-    """Text from a certificate, safe to print: control and invisible characters escaped
-    (a hostile subject must not drive the terminal or fake a line)."""
-    return "".join(c.encode("unicode_escape").decode("ascii")
-                   if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs") else c for c in text)
 
 
 def read_pem_blocks(data: bytes, source: str) -> List[Tuple[str, bytes]]:

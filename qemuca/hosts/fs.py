@@ -101,6 +101,23 @@ class FS:
         return self.stat(path, follow=False) is not None
 
 
+def make_dirs(path: str, mode: int = 0o755) -> None:
+    """Create `path` and its missing parents, each with exactly `mode` whatever the umask
+    (os.makedirs gives the parents umask-dependent modes: 0777 under umask 000)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        make_dirs(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if os.path.isdir(path):
+            return  # made meanwhile by someone else
+        raise
+    os.chmod(path, mode)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -149,7 +166,7 @@ class LocalFS(FS):
         return FileStat(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime)
 
     def makedirs(self, path, mode=0o755):
-        os.makedirs(path, mode=mode, exist_ok=True)
+        make_dirs(path, mode)
 
     def listdir(self, path):
         return sorted(os.listdir(path))

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from qemuca.errors import Conflict, InvalidInput, NotFound, PassphraseError, StoreError
+from qemuca.hosts.fs import make_dirs
 from qemuca.names import host_name, san_value
 from qemuca.pki import profile
 from qemuca.pki.checks import fingerprint, is_encrypted_pem, key_matches
@@ -92,8 +93,9 @@ def init_ca(home: str, *, common_name: str, organization: Optional[str], key_typ
     key = profile.generate_key(key_type)
     cert = profile.build_ca_certificate(key, profile.ca_name(common_name, organization), days)
 
-    _make_parents(os.path.dirname(store.home))
-    os.makedirs(store.home, mode=0o700, exist_ok=True)
+    make_dirs(os.path.dirname(store.home), 0o755)
+    _check_home_owner(store.home)
+    make_dirs(store.home, 0o700)
     os.chmod(store.home, 0o700)
     _retire(store)
     staging = os.path.join(store.home, f".ca-new-{os.getpid()}")
@@ -113,13 +115,16 @@ def init_ca(home: str, *, common_name: str, organization: Optional[str], key_typ
     return store
 
 
-def _make_parents(path: str) -> None:
-    """Missing parent directories, each 0755 whatever the umask (never world-writable)."""
-    if os.path.isdir(path):
+def _check_home_owner(home: str) -> None:
+    """A home someone else owns is not ours to keep a CA key in: its owner could swap
+    the files under us, or read what we write."""
+    try:
+        st = os.stat(home)
+    except FileNotFoundError:
         return
-    _make_parents(os.path.dirname(path))
-    os.mkdir(path, 0o755)
-    os.chmod(path, 0o755)
+    if st.st_uid != os.geteuid():
+        raise InvalidInput(f"{home} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}): "
+                           "choose a home of your own (--home)")
 
 
 def _retire(store: Store) -> None:
@@ -130,7 +135,7 @@ def _retire(store: Store) -> None:
         return
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     target = os.path.join(store.home, "retired", stamp)
-    os.makedirs(target, mode=0o700)
+    make_dirs(target, 0o700)
     store.close()
     for name in present:
         os.rename(os.path.join(store.home, name), os.path.join(target, name))
@@ -367,6 +372,10 @@ def _crl(signer: Signer, revoked: Sequence[CertRecord], number: int, now: dt.dat
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     from qemuca.pki.certinfo import PARSE_ERRORS
 
+    blocks = data.count(b"-----BEGIN CERTIFICATE REQUEST-----") + data.count(
+        b"-----BEGIN NEW CERTIFICATE REQUEST-----")
+    if blocks > 1:
+        raise InvalidInput(f"the file holds {blocks} certificate signing requests: give one per host")
     try:
         csr = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data
                else x509.load_der_x509_csr(data))

@@ -81,17 +81,36 @@ def default_ca_common_name() -> str:
 
 # ---------------------------------------------------------------- creation
 
+@dataclass(frozen=True)
+class ImportedCA:
+    """An existing CA taken over by `init --import-cert/--import-key` (checked by
+    pki.import_ca.load_foreign_ca) and where its files came from, for the audit log."""
+
+    cert: x509.Certificate
+    key: object
+    cert_source: str
+    key_source: str
+
+
 def init_ca(home: str, *, common_name: str, organization: Optional[str], key_type: str,
-            days: int, passphrase: Optional[bytes], force: bool) -> Store:
-    """Create the CA and an empty index; an existing CA is set aside, never deleted."""
+            days: int, passphrase: Optional[bytes], force: bool,
+            imported: Optional[ImportedCA] = None) -> Store:
+    """Create the CA (or take over `imported`) and an empty index; an existing CA is set
+    aside, never deleted. The key is stored encrypted with `passphrase` when given."""
     store = Store(home)
     if os.path.exists(store.ca_cert_path) and not force:
         raise Conflict(f"a CA already exists in {store.home} (use --force to set it aside "
                        "and create a new one)")
     if days < 1:
         raise InvalidInput("--days must be at least 1")
-    key = profile.generate_key(key_type)
-    cert = profile.build_ca_certificate(key, profile.ca_name(common_name, organization), days)
+    origin = {}
+    if imported is None:
+        key = profile.generate_key(key_type)
+        cert = profile.build_ca_certificate(key, profile.ca_name(common_name, organization), days)
+    else:
+        key, cert = imported.key, imported.cert
+        key_type = _key_type_name(cert.public_key())
+        origin = {"imported_from": {"cert": imported.cert_source, "key": imported.key_source}}
 
     make_dirs(os.path.dirname(store.home), 0o755)
     _check_home_owner(store.home)
@@ -108,7 +127,7 @@ def init_ca(home: str, *, common_name: str, organization: Optional[str], key_typ
         db.execute("INSERT OR REPLACE INTO meta VALUES ('ca_fingerprint', ?)", (fingerprint(cert),))
         store.audit(db, "init", cert.subject.rfc4514_string(), fingerprint_sha256=fingerprint(cert),
                     key_type=key_type, not_after=iso(cert.not_valid_after_utc),
-                    encrypted=passphrase is not None)
+                    encrypted=passphrase is not None, **origin)
     # The CA appears in one rename, after the index is ready: an interrupted init
     # leaves no half CA, only leftovers that the next init sets aside.
     os.rename(staging, store.ca_dir)
@@ -349,14 +368,12 @@ class CertificateAuthority:
 
 
 def _crl(signer: Signer, revoked: Sequence[CertRecord], number: int, now: dt.datetime, days: int) -> bytes:
-    ski = signer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (x509.CertificateRevocationListBuilder()
                .issuer_name(signer.cert.subject)
                .last_update(now)
                .next_update(now + dt.timedelta(days=days))
                .add_extension(x509.CRLNumber(number), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                              critical=False))
+               .add_extension(profile.authority_key_id(signer.cert), critical=False))
     for rec in revoked:
         entry = (x509.RevokedCertificateBuilder()
                  .serial_number(int(rec.serial, 16))

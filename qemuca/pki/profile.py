@@ -116,6 +116,16 @@ def _key_usage(cert_sign: bool = False, leaf: bool = False) -> x509.KeyUsage:
         crl_sign=cert_sign, encipher_only=False, decipher_only=False)
 
 
+def authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI of what `ca_cert` signs: its SKI, or one computed from its key when the CA
+    has none (an imported CA may lack the extension)."""
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())  # type: ignore[arg-type]
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
 def san_entries(host: str, extra: Iterable) -> List[x509.GeneralName]:
     """dNSName host first, then each extra SAN (str -> dNSName, IP -> iPAddress), no repeats."""
     entries: List[x509.GeneralName] = [x509.DNSName(host)]
@@ -136,7 +146,6 @@ def build_host_certificate(ca_cert: x509.Certificate, ca_key, host: str, sans: S
     """A host certificate; never valid past its CA (QEMU rejects an expired chain)."""
     now = now or utcnow()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     if len(host) > MAX_CN:
         # RFC 5280 caps a CN at 64 characters, and QEMU refuses a peer whose subject DN is
         # empty ("Cannot get client distinguished name"): CN=HOST must fit.
@@ -156,8 +165,7 @@ def build_host_certificate(ca_cert: x509.Certificate, ca_key, host: str, sans: S
                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(san_entries(host, sans)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                       critical=False)
+        .add_extension(authority_key_id(ca_cert), critical=False)
         .sign(ca_key, signature_hash(ca_key))
     )
 

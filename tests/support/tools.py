@@ -16,9 +16,21 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# The Debian package of each tool the tests call (scripts/install-test-deps.sh installs them).
+PACKAGES = {
+    "augtool": "augeas-tools", "certtool": "gnutls-bin", "gnutls-cli": "gnutls-bin",
+    "nsenter": "util-linux", "unshare": "util-linux", "openssl": "openssl", "sh": "dash",
+    "ssh": "openssh-client", "ssh-keygen": "openssh-client", "sshd": "openssh-server",
+    "strace": "strace", "systemd-analyze": "systemd", "qemu-system-x86_64": "qemu-system-x86",
+    "tcpdump": "tcpdump", "virsh": "libvirt-clients", "libvirtd": "libvirt-daemon",
+}
+
+
 def missing(what: str) -> None:
-    """Fail under CI, skip elsewhere."""
-    message = f"{what} is missing (run scripts/install-test-deps.sh)"
+    """Fail under CI, skip elsewhere; the message names the package that brings it."""
+    package = PACKAGES.get(os.path.basename(what))
+    hint = f"Debian package {package}; " if package else ""
+    message = f"{what} is missing ({hint}run scripts/install-test-deps.sh)"
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

@@ -14,7 +14,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import pytest
 from cryptography import x509
@@ -114,34 +114,13 @@ def _check_hostname(conn: SSL.Connection, host: str) -> None:
 def handshake(server: Peer, client: Peer, host: str) -> Tuple[Optional[str], Optional[str]]:
     """Connect client to server over 127.0.0.1, exchange one message each way.
     Returns (server error, client error); (None, None) means both sides succeeded."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(TIMEOUT_S)
-    result: dict = {}
 
-    def serve():
-        try:
-            raw, _ = listener.accept()
-        except OSError as e:
-            result["server"] = f"accept: {e}"
-            return
-        _timeouts(raw)
-        conn = SSL.Connection(server.ctx, raw)
-        conn.set_accept_state()
-        try:
-            conn.do_handshake()
-            assert conn.recv(16) == b"ping"
-            conn.sendall(b"pong")
-            server.peer_cn = _peer_cn(conn)
-            conn.shutdown()
-        except (SSL.Error, OSError, AssertionError) as e:
-            result["server"] = repr(e)
-        finally:
-            raw.close()
+    def ping_pong(conn: SSL.Connection, _result: dict) -> None:
+        assert conn.recv(16) == b"ping"
+        conn.sendall(b"pong")
+        server.peer_cn = _peer_cn(conn)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    listener, thread, result = _serve_once(server, ping_pong)
     client.expected_host = host
     raw = socket.create_connection(listener.getsockname(), timeout=TIMEOUT_S)
     raw.settimeout(None)
@@ -162,7 +141,7 @@ def handshake(server: Peer, client: Peer, host: str) -> Tuple[Optional[str], Opt
     thread.join(TIMEOUT_S * 2)
     listener.close()
     assert not thread.is_alive()
-    return result.get("server"), result.get("client")
+    return result.get("error"), result.get("client")
 
 
 def test_two_hosts_authenticate_each_other(sets):
@@ -286,7 +265,10 @@ def _gnutls_client(client_dir: Path, host: str, port: int) -> subprocess.Complet
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT_S * 2)
 
 
-def _serve_once(server: Peer) -> Tuple[socket.socket, threading.Thread, dict]:
+def _serve_once(server: Peer, session: Callable[[SSL.Connection, dict], None]
+                ) -> Tuple[socket.socket, threading.Thread, dict]:
+    """A one-connection TLS server on 127.0.0.1 that runs `session` after the handshake;
+    result["error"] says what failed on its side."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -304,15 +286,9 @@ def _serve_once(server: Peer) -> Tuple[socket.socket, threading.Thread, dict]:
             conn = SSL.Connection(server.ctx, raw)
             conn.set_accept_state()
             conn.do_handshake()
-            result["peer"] = _peer_cn(conn)
-            conn.sendall(b"hello\n")
-            try:  # until gnutls-cli, at the end of its stdin, says goodbye
-                while conn.recv(1024):
-                    pass
-            except SSL.ZeroReturnError:
-                pass
+            session(conn, result)
             conn.shutdown()
-        except (SSL.Error, OSError) as e:
+        except (SSL.Error, OSError, AssertionError) as e:
             result["error"] = repr(e)
         finally:
             raw.close()
@@ -322,9 +298,19 @@ def _serve_once(server: Peer) -> Tuple[socket.socket, threading.Thread, dict]:
     return listener, thread, result
 
 
+def _greet_until_goodbye(conn: SSL.Connection, result: dict) -> None:
+    result["peer"] = _peer_cn(conn)
+    conn.sendall(b"hello\n")
+    try:  # until gnutls-cli, at the end of its stdin, says goodbye
+        while conn.recv(1024):
+            pass
+    except SSL.ZeroReturnError:
+        pass
+
+
 def test_gnutls_client_handshake(sets):
     for host, ok in (("a.qemu.test", True), ("c.qemu.test", False)):
-        listener, thread, result = _serve_once(Peer(sets["a"], "server", crl=True))
+        listener, thread, result = _serve_once(Peer(sets["a"], "server", crl=True), _greet_until_goodbye)
         proc = _gnutls_client(sets["b"], host, listener.getsockname()[1])
         thread.join(TIMEOUT_S * 2)
         listener.close()

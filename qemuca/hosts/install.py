@@ -22,6 +22,7 @@ import datetime as dt
 import hashlib
 import posixpath
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -35,6 +36,9 @@ CURRENT = "current"
 PREVIOUS = "previous"
 MANIFEST = "manifest.json"
 STAGING_PREFIX = "staging-"  # sets/staging-*: where enroll makes a key on the host
+# An enroll takes seconds: a staging dir this old was left by an interrupted one, and holds
+# a private key nobody will use. A day's margin also covers a host clock that is off.
+STAGING_MAX_AGE_S = 24 * 3600
 
 
 class InstallError(QemucaError):
@@ -333,26 +337,38 @@ def _switch(target: CertDir, set_id: str) -> None:
     _remove_stale_links(target, names)
 
 
-def _collect_garbage(target: CertDir) -> None:
-    """Sets other than current and previous, and temp files an interrupted run left.
-    (The kept sets hold none: _write_set cleared the current one before the switch,
-    and the previous one was cleared when it was current.)"""
+def _garbage(target: CertDir) -> List[str]:
+    """Sets other than current and previous, and staging dirs interrupted enrolls left.
+    (The kept sets hold no leftovers: _write_set cleared the current one before the
+    switch, and the previous one was cleared when it was current.)"""
     fs = target.fs
     keep = {target.current_id(), target.previous_id()}
+    out = []
     for name in fs.listdir(target.sets):
-        if name not in keep and not name.startswith(STAGING_PREFIX):  # staging: an enroll's
-            fs.rmtree(posixpath.join(target.sets, name))
-    _remove_temp_files(fs, target.state)
-    _remove_temp_files(fs, target.path)
+        if name.startswith(STAGING_PREFIX):
+            st = fs.stat(posixpath.join(target.sets, name), follow=False)
+            if st is not None and time.time() - st.mtime > STAGING_MAX_AGE_S:
+                out.append(name)  # else maybe an enroll running now
+        elif name not in keep:
+            out.append(name)
+    return out
+
+
+def _collect_garbage(target: CertDir, garbage: Optional[List[str]] = None) -> None:
+    """Remove the garbage sets and the temp files an interrupted run left."""
+    for name in _garbage(target) if garbage is None else garbage:
+        target.fs.rmtree(posixpath.join(target.sets, name))
+    _remove_temp_files(target.fs, target.state)
+    _remove_temp_files(target.fs, target.path)
 
 
 def _finish_clean_up(target: CertDir) -> None:
     """A run cut off after its switch never removed the old sets (they hold old keys):
     a later run that finds the set in place removes them. One listing when clean."""
-    keep = {target.current_id(), target.previous_id()}
     try:
-        if any(n not in keep and not n.startswith(STAGING_PREFIX) for n in target.fs.listdir(target.sets)):
-            _collect_garbage(target)
+        garbage = _garbage(target)
+        if garbage:
+            _collect_garbage(target, garbage)
     except OSError:  # leftovers cost disk space only
         pass
 

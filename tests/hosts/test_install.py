@@ -198,3 +198,19 @@ def test_no_temp_files_are_left_behind(cert_dir):
         install.install(FS, cert_dir, _set(tag, crl=tag == "2"), EXPORT_MODES)
     leftovers = [p for p in snapshot_dir(cert_dir) if "qemuca-tmp" in p]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("again", [False, True])  # a new set, and the same set again
+def test_staging_dirs_of_interrupted_enrolls_are_removed_after_a_day(cert_dir, again):
+    """An enroll cut off after making its key leaves sets/staging-*/ with a private key:
+    a later install removes it once it is a day old; a fresh one may be in use."""
+    install.install(FS, cert_dir, _set("1"), EXPORT_MODES)
+    old = install.make_staging(FS, cert_dir, EXPORT_MODES)
+    fresh = install.make_staging(FS, cert_dir, EXPORT_MODES)
+    with open(os.path.join(old, "server-key.pem"), "wb") as f:
+        f.write(b"KEY left behind\n")
+    day_ago = os.stat(old).st_mtime - install.STAGING_MAX_AGE_S - 60
+    os.utime(old, (day_ago, day_ago))
+    install.install(FS, cert_dir, _set("1" if again else "2"), EXPORT_MODES)
+    assert not os.path.exists(old)
+    assert os.path.isdir(fresh)

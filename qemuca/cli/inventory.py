@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from qemuca.cli.output import emit_json, json_option, print_fields, print_table
+from qemuca.cli.output import emit_json, json_option, print_fields, print_table, wide_option
+from qemuca.cli.tables import Column
 
 
 def _days_left(not_after: str) -> int:
@@ -18,15 +19,19 @@ def _days_left(not_after: str) -> int:
 @click.option("--expiring-within", type=click.IntRange(0, 36500), metavar="DAYS",
               help="Only current certificates that expire within DAYS days (expired ones included).")
 @click.option("--all", "show_all", is_flag=True, help="Include superseded certificates.")
+@wide_option
 @json_option
 @click.pass_obj
-def list_cmd(app, expiring_within, show_all, as_json):
+def list_cmd(app, expiring_within, show_all, wide, as_json):
     """List certificates in the index: current and revoked ones, oldest first per host.
 
     --json prints an array of objects with host, serial, sans, not_before, not_after
     (ISO 8601 UTC), days_left, status (valid, revoked or superseded),
     fingerprint_sha256, replaces, issued_at, and deployed / deployed_at: whether (and
     when) the last successful deploy put this very certificate on its host.
+
+    The table shows host, status, expiry, days left and whether the certificate is
+    deployed; --wide (or a wide terminal) adds serial, key type, fingerprint and times.
     """
     store = app.store()
     records = store.certificates() if show_all else store.certificates("status != 'superseded'")
@@ -42,11 +47,18 @@ def list_cmd(app, expiring_within, show_all, as_json):
     if as_json:
         emit_json(rows)
         return
-    print_table(f"{len(rows)} certificate(s) in {store.home}",
-                ["host", "serial", "status", "not after", "days left", "key", "fingerprint (SHA-256)",
-                 "deployed"],
-                [(r["host"], r["serial"], r["status"], r["not_after"], r["days_left"],
-                  r["key_type"], r["fingerprint_sha256"][:16], r["deployed_at"] or "no") for r in rows])
+    print_table(f"{len(rows)} certificate(s) in {store.home}", LIST_COLUMNS,
+                [(r["host"], r["status"], r["not_after"][:10], r["days_left"],
+                  "yes" if r["deployed"] else "no", r["serial"], r["key_type"],
+                  r["fingerprint_sha256"][:16], r["deployed_at"]) for r in rows], wide=wide)
+
+
+LIST_COLUMNS = [Column("host", whole=True), Column("status", essential=True),
+                Column("expires", whole=True, essential=True),
+                Column("days", justify="right"), "deployed",
+                Column("serial", whole=True, wide=True), Column("key", wide=True),
+                Column("fingerprint (SHA-256)", whole=True, wide=True),
+                Column("deployed at", whole=True, wide=True)]
 
 
 @click.command("show")

@@ -1,6 +1,7 @@
 """Rendering helpers: JSON for scripts, rich tables for people, notes on stderr.
 
-rich is imported only when a table is actually printed.
+rich is imported only when a table is actually printed. Tables follow cli/tables.py:
+text only (no markup), identifiers never cut, `--wide` for the extra columns.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import sys
 import click
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+wide_option = click.option("--wide", "-w", is_flag=True,
+                           help="Show every column (serials, fingerprints...), however wide; "
+                                "a wide terminal shows them anyway.")
 
 
 def emit_json(data) -> None:
@@ -23,49 +27,31 @@ def note(message: str) -> None:
 
 
 def console(stderr: bool = False):
-    from rich.console import Console
+    from qemuca.cli.tables import console as text_console
 
-    stream = sys.stderr if stderr else sys.stdout
-    # Piped output is not cut to 80 columns: logs and pagers get whole values.
-    width = None if stream.isatty() else 200
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
+    return text_console(stderr)
 
 
-PLAIN_TABLE_ROWS = 30
+def print_table(title, columns, rows, wide: bool = False) -> None:
+    """Rows under a title, fitted to the terminal (see cli/tables.py)."""
+    from qemuca.cli.tables import print_table as fitted
 
-
-def print_table(title, columns, rows) -> None:
-    """A rich table; plain aligned columns for long tables (rich costs ~1.2 ms a row)."""
-    cells = [["" if v is None else str(v) for v in row] for row in rows]
-    if len(cells) > PLAIN_TABLE_ROWS:
-        click.echo(plain_table(title, columns, cells))
-        return
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for col in columns:
-        table.add_column(col)
-    for row in cells:
-        table.add_row(*row)
-    console().print(table)
-
-
-def plain_table(title, columns, cells) -> str:
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
+    fitted(title, columns, rows, wide=wide, out=console())
 
 
 def print_fields(title, pairs) -> None:
-    """A two-column key/value view (show, inspect)."""
+    """A two-column key/value view (show, inspect); values wrap, never cut."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    from qemuca.cli.tables import cell
+
+    table = Table(title=Text(cell(title)), title_justify="left", show_header=False, box=None,
+                  pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in pairs:
-        table.add_row(key, "" if value is None else str(value))
+        table.add_row(Text(key), Text(cell(value)))
     console().print(table)
 
 

@@ -5,8 +5,10 @@ hostile: rich markup and emoji are off, each cell is a `Text`, and control chara
 are escaped, so a CN like `[link=...]bank[/link]` or an ESC sequence from a host shows
 as the characters it is. At the terminal's width (80 columns is the rule), the columns
 marked `whole` (host names, serials: what a person copies) are never cut or wrapped;
-other text wraps. Columns marked `wide` appear with `--wide`, or when the terminal has
-room for them. When even the whole columns cannot fit, each row is printed as a record.
+other text wraps. The `essential` columns (and the first) are always shown; the other
+default columns join them left to right while they fit; columns marked `wide` appear
+with `--wide`, or when the terminal has room for them. When even the essential columns
+cannot fit, each row is printed as a record.
 Piped output is laid out for 200 columns, so logs keep whole lines.
 """
 
@@ -22,14 +24,14 @@ from qemuca.text import printable
 PIPED_WIDTH = 200
 PLAIN_TABLE_ROWS = 30  # longer tables are laid out by hand: rich costs ~1.2 ms a row
 MIN_TEXT_WIDTH = 10  # a wrapping column narrower than this reads badly
-_PER_COLUMN = 3  # rich's default box: a rule and one space of padding each side
-_EDGE = 1
+_PER_COLUMN = 3  # one space of padding each side and a rule between columns (no outer edge)
 
 
 @dataclass(frozen=True)
 class Column:
     header: str
     whole: bool = False  # an identifier: never cut, never wrapped
+    essential: bool = False  # shown whatever the width (the first column always is)
     wide: bool = False  # only with --wide, or on a terminal with room to spare
     justify: str = "left"
 
@@ -65,23 +67,26 @@ def _room(columns: Sequence[Column], widths: Sequence[int]) -> int:
     """Columns needed to show these columns: whole ones at full width, others at least
     MIN_TEXT_WIDTH (or their full width when shorter)."""
     inner = sum(w if c.whole else min(w, MIN_TEXT_WIDTH) for c, w in zip(columns, widths))
-    return inner + _PER_COLUMN * len(columns) + _EDGE
+    return inner + _PER_COLUMN * len(columns) - 1
 
 
 def choose_columns(columns: Sequence[Column], widths: Sequence[int], width: int,
                    wide: bool) -> Optional[List[int]]:
     """Indexes of the columns to show at `width`, or None when the essential ones do not
-    fit (the caller prints records). Wide columns are added left to right while they fit."""
-    chosen = [i for i, c in enumerate(columns) if wide or not c.wide]
-    if _room([columns[i] for i in chosen], [widths[i] for i in chosen]) > width:
-        if wide:  # asked for everything: drop back to the default view before records
-            return choose_columns(columns, widths, width, False)
+    fit (the caller prints records)."""
+    def fits(indexes: List[int]) -> bool:
+        return _room([columns[j] for j in indexes], [widths[j] for j in indexes]) <= width
+
+    everything = list(range(len(columns)))
+    if wide and fits(everything):
+        return everything
+    chosen = [i for i, c in enumerate(columns) if i == 0 or c.essential]
+    if not fits(chosen):
         return None
-    for i, c in enumerate(columns):
-        if c.wide and i not in chosen:
-            trial = sorted(chosen + [i])
-            if _room([columns[j] for j in trial], [widths[j] for j in trial]) <= width:
-                chosen = trial
+    for tier in (False, True):  # the default columns, then the wide ones
+        for i, c in enumerate(columns):
+            if c.wide is tier and i not in chosen and fits(sorted(chosen + [i])):
+                chosen = sorted(chosen + [i])
     return chosen
 
 
@@ -105,7 +110,7 @@ def print_table(title: str, columns: Sequence[ColumnSpec], rows, wide: bool = Fa
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(cell(title)), title_justify="left")
+    table = Table(title=Text(cell(title)), title_justify="left", show_edge=False)
     for c, w in zip(shown_cols, (widths[i] for i in chosen)):
         if c.whole:
             table.add_column(c.header, justify=c.justify, no_wrap=True, min_width=w)  # type: ignore[arg-type]
@@ -127,7 +132,8 @@ def plain_table(title: str, columns: Sequence[Column], cells: Sequence[Sequence[
     for i in flexible:
         limits[i] = max(min(widths[i], spare * widths[i] // total), min(widths[i], MIN_TEXT_WIDTH),
                         len(columns[i].header))
-    lines = [cell(title), _line([c.header for c in columns], columns, limits)]
+    lines = textwrap.wrap(cell(title), width, break_long_words=False, break_on_hyphens=False) or [""]
+    lines.append(_line([c.header for c in columns], columns, limits))
     for row in cells:
         parts = [[v] if c.whole else (textwrap.wrap(v, limits[i], break_on_hyphens=False) or [""])
                  for i, (c, v) in enumerate(zip(columns, row))]
@@ -143,7 +149,7 @@ def _line(values: Sequence[str], columns: Sequence[Column], limits: Sequence[int
 
 def _print_records(out, title: str, columns: Sequence[Column], cells: Sequence[Sequence[str]]) -> None:
     """One block per row, `header: value` a line: for names longer than the terminal."""
-    lines = [cell(title)]
+    lines = textwrap.wrap(cell(title), out.width, break_long_words=False, break_on_hyphens=False)
     for row in cells:
         lines.append("")
         for c, v in zip(columns, row):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from typing import Optional, Union
+
+import idna  # IDNA 2008 + UTS 46: rejects disallowed code points and confusable mixes
 
 from qemuca.errors import InvalidInput
 
@@ -67,8 +70,6 @@ def host_name(value: str) -> str:
 
 
 def _to_alabel(name: str, original: str) -> str:
-    import idna  # IDNA 2008 + UTS 46: rejects disallowed code points and confusable mixes
-
     try:
         alabel = idna.encode(name, uts46=True, std3_rules=True).decode("ascii")
         back = idna.decode(alabel)
@@ -84,8 +85,6 @@ def _to_alabel(name: str, original: str) -> str:
 
 def _check_alabel(label: str, original: str) -> None:
     """An xn-- label typed in ASCII gets the checks its Unicode form would get."""
-    import idna
-
     try:
         ulabel = idna.decode(label)
         canonical = idna.encode(ulabel, uts46=True, std3_rules=True).decode("ascii") == label
@@ -105,8 +104,6 @@ _CJK = ("CJK", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA", "HANGUL", "IDEOGRAPH
 
 
 def _script(c: str) -> str:
-    import unicodedata
-
     word = unicodedata.name(c, "UNKNOWN").split()[0]
     if c.isascii() and not c.isalpha() or word in ("COMBINING", "MODIFIER"):
         return ""  # digits, hyphen, marks: no script of their own
@@ -173,8 +170,6 @@ MAX_SUBJECT_TEXT = 64  # RFC 5280 upper bound of a CN and of an O
 def subject_text(option: str, value: Optional[str]) -> Optional[str]:
     """A CA's --cn / --org: 1 to 64 characters, none of them control or invisible (the
     name is printed by every tool that shows the CA)."""
-    import unicodedata
-
     if value is None:
         return None
     if not value.strip() or len(value) > MAX_SUBJECT_TEXT:

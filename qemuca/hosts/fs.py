@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import stat as stat_mod
 from dataclasses import dataclass
 from typing import List, Optional
@@ -189,8 +190,6 @@ class LocalFS(FS):
         _fsync_dir(os.path.dirname(target) or ".")
 
     def copy(self, source, target):
-        import shutil
-
         st = os.stat(source)
         shutil.copy2(source, target)
         os.chown(target, st.st_uid, st.st_gid)
@@ -199,8 +198,6 @@ class LocalFS(FS):
         os.unlink(path)
 
     def rmtree(self, path):
-        import shutil
-
         shutil.rmtree(path)
 
     def chown(self, path, uid, gid):

@@ -17,11 +17,14 @@ from typing import Callable, List, Optional, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from qemuca.errors import Conflict, InvalidInput, NotFound, PassphraseError, StoreError
 from qemuca.hosts.fs import make_dirs
+from qemuca.hosts.layout import CredentialSet
 from qemuca.names import host_name, san_value
 from qemuca.pki import profile
+from qemuca.pki.certinfo import PARSE_ERRORS
 from qemuca.pki.checks import fingerprint, is_encrypted_pem, key_matches
 from qemuca.store.index import CertRecord, NewCert, Store, iso, parse_iso
 
@@ -387,8 +390,6 @@ def _crl(signer: Signer, revoked: Sequence[CertRecord], number: int, now: dt.dat
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
-    from qemuca.pki.certinfo import PARSE_ERRORS
-
     blocks = data.count(b"-----BEGIN CERTIFICATE REQUEST-----") + data.count(
         b"-----BEGIN NEW CERTIFICATE REQUEST-----")
     if blocks > 1:
@@ -416,8 +417,6 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
 
 
 def _key_type_name(public) -> str:
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
     if isinstance(public, rsa.RSAPublicKey):
         return f"rsa{public.key_size}"
     if isinstance(public, ec.EllipticCurvePublicKey):
@@ -458,8 +457,6 @@ def credential_set(store: Store, ca: CertificateAuthority, host: str):
 
     Hosts enrolled with a CSR have no key here: their key never left the host.
     """
-    from qemuca.hosts.layout import CredentialSet
-
     record = require_host(store, host)
     key = store.key_pem(record.serial)
     if key is None:

@@ -56,10 +56,17 @@ def _write_out(out, data: bytes):
               help="Store the CA key unencrypted (protected by file mode 0600 only).")
 @click.option("--force", is_flag=True,
               help="Replace an existing CA; the old CA and index are kept in HOME/retired/.")
+@click.option("--import-cert", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Take over an existing CA: its certificate (PEM), e.g. oVirt's qemu-ca.pem.")
+@click.option("--import-key", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --import-cert: the CA's private key (PEM, maybe encrypted).")
+@click.option("--import-passphrase-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --import-key: file whose first line decrypts the imported key "
+                   "(mode 0600) [default: asked on the terminal when the key is encrypted].")
 @json_option
 @click.pass_obj
 def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no_passphrase,
-             force, as_json):
+             force, import_cert, import_key, import_passphrase_file, as_json):
     """Create the dedicated QEMU CA in the store (HOME, see qemuca --help).
 
     The CA signs QEMU's certificates only (OU=qemu): keep it apart from the CA of
@@ -67,12 +74,19 @@ def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no
     authenticate to them. The key is encrypted with a passphrase unless
     --no-passphrase is given: from --passphrase-file, QEMUCA_PASSPHRASE_FILE, or
     asked twice on the terminal.
+
+    --import-cert/--import-key take over a CA you already have (oVirt's QEMU CA, one
+    made with certtool per libvirt's TLS guide): it must be a CA (CA:TRUE), able to
+    sign (keyCertSign), valid now, and the key must be its own. Its key is then stored
+    like a new one (encrypted with the store's passphrase), and the audit log records
+    where it came from. Hosts holding its certificates can then be adopted.
     """
     from qemuca.errors import InvalidInput, PassphraseError
     from qemuca.names import subject_text
 
     subject_text("--cn", common_name)  # before anything is made: the CA's name is final
     subject_text("--org", organization)
+    imported = _imported_ca(import_cert, import_key, import_passphrase_file)
     if no_passphrase and passphrase_file:
         source = click.get_current_context().get_parameter_source("passphrase_file")
         if source != click.core.ParameterSource.ENVIRONMENT:
@@ -89,22 +103,59 @@ def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no
                                   confirmation_prompt=True, err=True).encode()
     store = ca.init_ca(app.home, common_name=common_name or ca.default_ca_common_name(),
                        organization=organization, key_type=key_type, days=days,
-                       passphrase=passphrase, force=force)
+                       passphrase=passphrase, force=force, imported=imported)
     authority = ca.CertificateAuthority(store)
     info = {
         "home": store.home,
         "subject": authority.cert.subject.rfc4514_string(),
         "fingerprint_sha256": authority.fingerprint,
         "not_after": authority.cert.not_valid_after_utc.isoformat(),
-        "key_type": key_type,
+        "key_type": authority.key_type,
         "key_encrypted": passphrase is not None,
+        "imported": imported is not None,
     }
     if as_json:
         emit_json(info)
     else:
-        note(f"Created QEMU CA '{info['subject']}' in {store.home}")
+        note(f"{'Took over' if imported else 'Created'} QEMU CA '{info['subject']}' in {store.home}")
         note(f"  SHA-256 fingerprint {authority.fingerprint}")
         note(f"  valid until {info['not_after']}; key {'encrypted' if passphrase else 'NOT encrypted'}")
+
+
+def _imported_ca(cert_file, key_file, passphrase_file):
+    """The CA that --import-cert/--import-key name, checked; None without them."""
+    from qemuca.errors import InvalidInput, PassphraseError
+    from qemuca.hosts.fs import read_user_file
+    from qemuca.pki.certinfo import MAX_PEM
+    from qemuca.pki.checks import is_encrypted_pem
+    from qemuca.pki.import_ca import load_foreign_ca
+
+    if not cert_file and not key_file:
+        if passphrase_file:
+            raise InvalidInput("--import-passphrase-file goes with --import-key")
+        return None
+    if not (cert_file and key_file):
+        raise InvalidInput("--import-cert and --import-key go together")
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in ("common_name", "organization", "key_type", "days")
+             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        names = {"--common-name": "--cn", "--organization": "--org"}
+        raise InvalidInput(f"{', '.join(names.get(g, g) for g in given)} describe a new CA: an imported "
+                           "CA keeps its own name, key and validity")
+    cert_data = read_user_file(cert_file, "CA certificate", MAX_PEM)
+    key_data = read_user_file(key_file, "CA key", MAX_PEM)
+    secret = None
+    if is_encrypted_pem(key_data):
+        if passphrase_file:
+            secret = read_passphrase(passphrase_file)
+        elif sys.stdin.isatty():
+            secret = click.prompt(f"Passphrase of {key_file}", hide_input=True, err=True).encode()
+        else:
+            raise PassphraseError(f"{key_file} is encrypted and there is no terminal to ask: "
+                                  "give --import-passphrase-file")
+    cert, key = load_foreign_ca(cert_data, cert_file, key_data, key_file, secret)
+    return ca.ImportedCA(cert, key, os.path.abspath(cert_file), os.path.abspath(key_file))
 
 
 def _issued_rows(issued):
@@ -165,7 +216,7 @@ def sign_cmd(app, csr_file, host, sans, days, force, out, passphrase_file, as_js
     Extensions requested in the CSR are ignored: the QEMU profile decides them.
     The certificate is printed (PEM) unless --json or --out is given.
     """
-    from qemuca.hosts.inventory import read_user_file
+    from qemuca.hosts.fs import read_user_file
     from qemuca.pki.certinfo import MAX_PEM
 
     data = read_user_file(csr_file, "CSR file", MAX_PEM)

@@ -103,7 +103,7 @@ def inspect_cmd(pem_file, as_json):
     material is never printed). Exit code 1 when a certificate fails a check or a
     CSR would be refused by 'qemuca sign' (bad signature, weak key).
     """
-    from qemuca.hosts.inventory import read_user_file
+    from qemuca.hosts.fs import read_user_file
     from qemuca.pki.certinfo import MAX_PEM, describe_pem
 
     items = describe_pem(read_user_file(pem_file, "PEM file", MAX_PEM), pem_file)

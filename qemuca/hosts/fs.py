@@ -9,12 +9,15 @@ half-written file.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
 import stat as stat_mod
 from dataclasses import dataclass
 from typing import List, Optional
+
+from qemuca.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class FileStat:
 
 
 TEMP_MARK = ".qemuca-tmp-"
+MAX_USER_FILE = 16 << 20  # a hosts file, inventory or PEM file beyond this is not one
 
 
 def temp_name(path: str) -> str:
@@ -117,6 +121,33 @@ def make_dirs(path: str, mode: int = 0o755) -> None:
             return  # made meanwhile by someone else
         raise
     os.chmod(path, mode)
+
+
+def read_user_file(path: str, what: str, limit: int = MAX_USER_FILE) -> bytes:
+    """The bytes of a regular file the user named; InvalidInput for anything else.
+
+    Opened non-blocking and checked on the open descriptor: a FIFO, a device or a
+    directory is refused at once instead of hanging (or reading /dev/zero forever),
+    and a file larger than `limit` is refused without being read whole.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise InvalidInput(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat_mod.S_ISREG(mode):
+            why = os.strerror(errno.EISDIR) if stat_mod.S_ISDIR(mode) else "not a regular file"
+            raise InvalidInput(f"cannot read {what} {path}: {why}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise InvalidInput(f"cannot read {what} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise InvalidInput(f"{what} {path} is larger than {limit >> 20} MiB")
+    return data
 
 
 def _fsync_dir(path: str) -> None:

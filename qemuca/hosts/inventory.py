@@ -9,46 +9,16 @@ resolved with Ansible's precedence (host vars, then deeper groups, then parents,
 from __future__ import annotations
 
 import ast
-import errno
 import ipaddress
 import os
 import re
 import shlex
-import stat
 import string
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from qemuca.errors import InvalidInput
-
-MAX_INPUT = 16 << 20  # a hosts file or inventory beyond this is not one
-
-
-def read_user_file(path: str, what: str, limit: int = MAX_INPUT) -> bytes:
-    """The bytes of a regular file the user named; InvalidInput for anything else.
-
-    Opened non-blocking and checked on the open descriptor: a FIFO, a device or a
-    directory is refused at once instead of hanging (or reading /dev/zero forever),
-    and a file larger than `limit` is refused without being read whole.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise InvalidInput(f"cannot read {what} {path}: {e.strerror or e}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            why = os.strerror(errno.EISDIR) if stat.S_ISDIR(mode) else "not a regular file"
-            raise InvalidInput(f"cannot read {what} {path}: {why}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise InvalidInput(f"cannot read {what} {path}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise InvalidInput(f"{what} {path} is larger than {limit >> 20} MiB")
-    return data
+from qemuca.hosts.fs import read_user_file
 
 
 def read_hosts_file(path: str) -> List[str]:

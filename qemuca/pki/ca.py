@@ -237,6 +237,10 @@ class CertificateAuthority:
     def key(self):
         return self.current.key
 
+    @property
+    def key_type(self) -> str:
+        return _key_type_name(self.cert.public_key())
+
     def trusted(self) -> List[Signer]:
         """The CAs hosts must trust now: during a rollover both, newest first."""
         rollover = self.store.rollover()

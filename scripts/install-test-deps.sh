@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 gnutls-bin openssl openssh-server openssh-client augeas-tools
-          libvirt-daemon-driver-qemu tcpdump util-linux iproute2 procps strace)
+          libvirt-daemon-driver-qemu tcpdump util-linux iproute2 procps strace
+          systemd)  # systemd-analyze checks the shipped units
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -12,11 +12,13 @@ from qemuca.cli.output import emit_json, print_table
 def ssh_options(func):
     """--ssh-config, --known-hosts, --accept-new-host-key, --identity, --connect-timeout, --timeout."""
     options = [
-        click.option("--ssh-config", type=click.Path(dir_okay=False),
-                     help="OpenSSH client config [default: ~/.ssh/config]. Host, HostName, Port, "
-                          "User, IdentityFile, ProxyJump, HostKeyAlias, UserKnownHostsFile apply."),
-        click.option("--known-hosts", type=click.Path(dir_okay=False),
-                     help="known_hosts file [default: UserKnownHostsFile, else ~/.ssh/known_hosts]."),
+        click.option("--ssh-config", type=click.Path(dir_okay=False), envvar="QEMUCA_SSH_CONFIG",
+                     help="OpenSSH client config [default: ~/.ssh/config; also QEMUCA_SSH_CONFIG]. "
+                          "Host, HostName, Port, User, IdentityFile, ProxyJump, HostKeyAlias, "
+                          "UserKnownHostsFile apply."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False), envvar="QEMUCA_KNOWN_HOSTS",
+                     help="known_hosts file [default: UserKnownHostsFile, else ~/.ssh/known_hosts; "
+                          "also QEMUCA_KNOWN_HOSTS]."),
         click.option("--accept-new-host-key", is_flag=True,
                      help="Add unknown host keys to known_hosts (like StrictHostKeyChecking="
                           "accept-new). A changed key is always refused."),

@@ -1,48 +1,14 @@
 #!/usr/bin/env bash
-# qemuca's main job end to end on local defaults (fresh Debian 12, root):
-# installs qemuca into .venv, creates a QEMU CA with an encrypted key in a temporary
-# home, issues two hosts, exports their QEMU credential sets, checks them (qemuca
-# inspect, openssl verify) and runs a real mutual-TLS handshake between the two
-# sets over 127.0.0.1 with the destination's host name checked.
+# qemuca's main job end to end on a throwaway fleet on loopback (fresh Debian 12, root):
+# installs what it needs (Debian packages, qemuca in .venv), starts three fake
+# hypervisors (real sshd in their own namespaces), then init, enroll, verify, a real
+# encrypted QEMU migration (probe), check, and a rotation while migrations keep running.
+# `--keep` leaves the fleet up until Ctrl-C. Everything is removed at the end.
 set -euo pipefail
 . "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
-command -v openssl >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends openssl; }
+echo "qemuca demo: installing what it needs (Debian packages, .venv; quick after the first run)"
+./scripts/install-test-deps.sh >/dev/null
+./scripts/fetch-stock-qemu-conf.sh >/dev/null
 ./scripts/setup-venv.sh
-QEMUCA="$PWD/.venv/bin/qemuca"
-
-work=$(mktemp -d /tmp/qemuca-demo.XXXXXX)
-server_pid=""
-cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-export QEMUCA_HOME="$work/ca"
-(umask 077; head -c 24 /dev/urandom | base64 > "$work/passphrase")
-export QEMUCA_PASSPHRASE_FILE="$work/passphrase"
-
-step() { printf '\n== %s\n' "$*"; }
-step "create the QEMU CA (key encrypted with the passphrase file)"
-"$QEMUCA" init --cn "QEMU CA demo"
-step "issue two hosts"
-"$QEMUCA" issue src.qemu.test dst.qemu.test --san 127.0.0.1
-"$QEMUCA" list
-step "export their QEMU credential sets"
-"$QEMUCA" export src.qemu.test --dir "$work/src"
-"$QEMUCA" export dst.qemu.test --dir "$work/dst"
-ls -l "$work/dst"
-step "check them: what QEMU demands, and the chain (OpenSSL)"
-"$QEMUCA" inspect "$work/dst/server-cert.pem" >/dev/null && echo "dst server-cert.pem conforms"
-openssl verify -purpose sslserver -CAfile "$work/dst/ca-cert.pem" "$work/dst/server-cert.pem"
-openssl verify -purpose sslclient -CAfile "$work/src/ca-cert.pem" "$work/src/client-cert.pem"
-
-step "mutual TLS handshake src -> dst over 127.0.0.1, checking the name dst.qemu.test"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-openssl s_server -quiet -accept "127.0.0.1:$port" -Verify 1 -verify_return_error \
-    -cert "$work/dst/server-cert.pem" -key "$work/dst/server-key.pem" \
-    -CAfile "$work/dst/ca-cert.pem" </dev/null >"$work/server.log" 2>&1 &
-server_pid=$!
-for _ in $(seq 100); do grep -qi ":$(printf %04X "$port") 00000000:0000 0A" /proc/net/tcp && break; sleep 0.05; done
-echo | openssl s_client -connect "127.0.0.1:$port" -verify_hostname dst.qemu.test \
-    -verify_return_error -CAfile "$work/src/ca-cert.pem" \
-    -cert "$work/src/client-cert.pem" -key "$work/src/client-key.pem" -brief 2>&1 | tee "$work/client.log"
-grep -q "Verification: OK" "$work/client.log"
-printf '\nqemuca demo: OK (CA, two hosts, exported sets, verified chain, mutual TLS with name check)\n'
+exec .venv/bin/python scripts/demo.py "$@"

@@ -9,11 +9,12 @@ other text wraps. The `essential` columns (and the first) are always shown; the 
 default columns join them left to right while they fit; columns marked `wide` appear
 with `--wide`, or when the terminal has room for them. When even the essential columns
 cannot fit, each row is printed as a record.
-Piped output is laid out for 200 columns, so logs keep whole lines.
+Piped output is laid out for 200 columns (or $COLUMNS), so logs keep whole lines.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ def console(stderr: bool = False, width: Optional[int] = None):
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    if width is None and not stream.isatty():
+    if width is None and not stream.isatty() and not os.environ.get("COLUMNS"):
         width = PIPED_WIDTH
     return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False,
                    width=width)

@@ -268,7 +268,9 @@ class FakeHost:
                                                      loglevel=self.loglevel))
         short = self.name.split(".")[0]
         _write(up / "hostname", self.name + "\n")
-        _write(up / "hosts", f"127.0.1.1\t{self.name} {short}\n" + Path("/etc/hosts").read_text())
+        # Its own /etc/hosts, not the machine's (a minimal root may have none).
+        _write(up / "hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{self.name} {short}\n"
+                             "::1\tlocalhost ip6-localhost ip6-loopback\n")
         if self.groups:
             for name, shadow in (("group", False), ("gshadow", True)):
                 real = Path("/etc") / name

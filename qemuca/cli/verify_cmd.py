@@ -6,7 +6,9 @@ import click
 
 from qemuca.cli.output import emit_json, json_option, print_checks
 from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
-from qemuca.ops.verify import DEFAULT_CERT_DIR, DEFAULT_PORT, DEFAULT_QEMU_CONF, DEFAULT_WARN_DAYS
+from qemuca.hosts.layout import DEFAULT_CERT_DIR
+from qemuca.hosts.qemuconf import DEFAULT_PATH as DEFAULT_QEMU_CONF
+from qemuca.ops.verify.report import DEFAULT_PORT, DEFAULT_WARN_DAYS
 
 
 @click.command("verify")
@@ -74,8 +76,9 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
 
     if local:
         from qemuca.hosts.fs import LocalFS
+        from qemuca.hosts.runner import LocalRunner
 
-        report = verify.verify_host(None, LocalFS(), verify.LocalRunner(), opts)
+        report = verify.verify_host(None, LocalFS(), LocalRunner(), opts)
         return _finish([report], as_json, strict)
 
     reference = _reference(app)
@@ -131,4 +134,4 @@ def _exit(reports, strict):
 
 
 def _table(title, report):
-    print_checks(title, report.result, report.checks)
+    print_checks(title, report.result, report.findings)

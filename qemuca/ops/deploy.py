@@ -19,13 +19,12 @@ from cryptography import x509
 
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
 from qemuca.hosts import install, qemuconf
+from qemuca.hosts.hostinfo import DAEMONS, resolve_group
 from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
 from qemuca.pki.checks import fingerprint, issued_by, key_matches
 
 DEFAULT_CERT_DIR = "/etc/pki/qemu"
 DEFAULT_QEMU_CONF = "/etc/libvirt/qemu.conf"
-QEMU_GROUPS = ("qemu", "libvirt-qemu")  # RHEL/Fedora, Debian/Ubuntu
-DAEMONS = (("virtqemud", "/usr/sbin/virtqemud"), ("libvirtd", "/usr/sbin/libvirtd"))
 
 
 @dataclass(frozen=True)
@@ -63,26 +62,6 @@ class HostReport:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def resolve_group(conn, doc: Optional[qemuconf.Document], wanted: Optional[str]) -> int:
-    """The gid QEMU runs as: --group, else qemu.conf's `group`, else qemu / libvirt-qemu."""
-    if wanted:
-        candidates, source = [wanted], "--group"
-    else:
-        setting = doc.first("group") if doc is not None else None
-        if setting is not None and isinstance(setting.value, str):
-            candidates, source = [setting.value], f"qemu.conf group (line {setting.line})"
-        else:
-            candidates, source = list(QEMU_GROUPS), "default"
-    for name in candidates:
-        if name.startswith("+") and name[1:].isdigit():  # libvirt's numeric "+107"
-            return int(name[1:])
-        result = conn.run_command("getent_group", group=name)
-        if result.ok and result.text.count(":") >= 2:
-            return int(result.text.split(":")[2])
-    raise NotFound(f"{conn.name}: no group {' or '.join(candidates)} ({source}) on the host: "
-                   "is libvirt's QEMU driver installed? Give --group")
 
 
 def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:

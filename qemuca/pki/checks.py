@@ -6,11 +6,14 @@ disagree on, say, whether a CRL belongs to a CA.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import datetime as dt
+from typing import List, Optional, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+
+MAX_BUNDLE = 16  # QEMU before 10.1 refuses a ca-cert.pem with more CAs
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -89,3 +92,29 @@ def revoked_in(cert: x509.Certificate, crls: Sequence[x509.CertificateRevocation
                 pass
             return f"revoked on {entry.revocation_date_utc.date().isoformat()}{reason}"
     return None
+
+
+def bundle_problems(bundle: Sequence[x509.Certificate], now: dt.datetime,
+                    own: Optional[x509.Certificate] = None) -> List[str]:
+    """Why QEMU (before 10.1 / 10.2) would refuse ca-cert.pem, if it would. QEMU before
+    10.1 reads only the first 16 CAs for its load-time checks: its own certificate
+    (`own`) must be issued by one of those, and a later CA is not checked at all."""
+    out = []
+    if len(bundle) > MAX_BUNDLE:
+        pos = next((i for i, ca in enumerate(bundle) if own is not None and issued_by(own, ca)), None)
+        if pos is not None and pos >= MAX_BUNDLE:
+            out.append(f"holds {len(bundle)} CAs and the one that issued this host's certificate is "
+                       f"#{pos + 1}: QEMU before 10.1 reads only the first {MAX_BUNDLE} and refuses "
+                       "its own certificate")
+        else:
+            out.append(f"holds {len(bundle)} CAs: QEMU before 10.1 reads only the first {MAX_BUNDLE} "
+                       "(a certificate issued by a later one is refused); keep at most "
+                       f"{MAX_BUNDLE}")
+    for ca in bundle:
+        if now > ca.not_valid_after_utc:
+            out.append(f"CA '{cn_of(ca)}' expired on {ca.not_valid_after_utc.date().isoformat()}: "
+                       "QEMU before 10.2 then refuses the whole bundle")
+        elif now < ca.not_valid_before_utc:
+            out.append(f"CA '{cn_of(ca)}' is not valid before {ca.not_valid_before_utc.isoformat()}: "
+                       "QEMU before 10.2 then refuses the whole bundle")
+    return out

@@ -31,6 +31,8 @@ from qemuca.hosts.fs import LocalFS
 from qemuca.hosts.layout import CredentialSet, host_modes
 from qemuca.hosts.ssh import SshOptions, connect
 from qemuca.ops import verify
+from qemuca.ops.verify import report as verify_report
+from qemuca.ops.verify.handshake import handshake
 from qemuca.pki import profile
 from qemuca.pki.checks import fingerprint
 from qemuca.store.index import Store
@@ -312,10 +314,10 @@ def _apply(host, ctx, cases):
         elif name == "owner-group":
             os.chown(host.path(target(host, "ca-cert.pem")), 1000, 0)
         elif name == "libvirt-ca-is-qemu-ca":
-            host.write(verify.LIBVIRT_CA, pem(store_ca[0]))
+            host.write(verify_report.LIBVIRT_CA, pem(store_ca[0]))
         elif name == "libvirt-cert-from-qemu-ca":
-            host.write(verify.LIBVIRT_CERTS[0], pem(new_leaf(store_ca, host.name)[0]))
-            host.write(verify.LIBVIRT_CA, pem(new_ca("libvirt CA")[0]))  # a separate CA: passes
+            host.write(verify_report.LIBVIRT_CERTS[0], pem(new_leaf(store_ca, host.name)[0]))
+            host.write(verify_report.LIBVIRT_CA, pem(new_ca("libvirt CA")[0]))  # a separate CA: passes
         elif name == "qemu-conf-without-keys":
             host.write("/etc/libvirt/qemu.conf", "# no TLS settings\n", 0o600)
         elif name == "qemu-conf-libvirt-migrate-dir":
@@ -607,10 +609,10 @@ def test_pair_agrees_with_real_qemu_migrations(pair_env):
         opts = verify.PairOptions(tls_destination=name, handshake=handshake, address="127.0.0.1",
                                   port=_free_port())
         report = verify.verify_pair(src_side, dst_side, opts, ref)
-        fails = {c.check for c in report.checks if c.result == "fail"}
+        fails = {c.check for c in report.findings if c.result == "fail"}
         result = migrate(Endpoint(CERT_DIR, prefix=src.prefix), Endpoint(CERT_DIR, prefix=dst.prefix),
                          tls_hostname=name or dst.name)
-        rows = "\n".join(f"{c.check}: {c.result}: {c.detail}" for c in report.checks)
+        rows = "\n".join(f"{c.check}: {c.result}: {c.detail}" for c in report.findings)
         if handshake:  # the handshake between the hosts agrees with QEMU
             assert ("TLS handshake" in fails) == (not qemu_ok), rows
             fails.discard("TLS handshake")
@@ -625,7 +627,7 @@ def test_pair_agrees_with_real_qemu_migrations(pair_env):
     d_other = new_leaf(other, dst.name)
     report, result = case(lambda: land(dst, pem(other[0]), *d_other),
                           {"source trusts destination", "destination trusts source"}, False, handshake=openssl)
-    assert [c for c in report.checks if c.check == "TLS handshake"][0].result == "fail"
+    assert [c for c in report.findings if c.check == "TLS handshake"][0].result == "fail"
     # Only the source's certificate from another CA (its bundle trusts both CAs).
     s_other = new_leaf(other, src.name)
     case(lambda: land(src, pem(ca[0], other[0]), *s_other), {"destination trusts source"}, False)
@@ -635,7 +637,7 @@ def test_pair_agrees_with_real_qemu_migrations(pair_env):
     assert "revoked" in result.error.lower()
     # A name the destination's certificate does not hold.
     report, _ = case(lambda: None, {"destination name in SANs"}, False, name="other.qemu.test", handshake=openssl)
-    assert "verify error" in [c for c in report.checks if c.check == "TLS handshake"][0].detail
+    assert "verify error" in [c for c in report.findings if c.check == "TLS handshake"][0].detail
     # An expired CA in the destination's bundle (QEMU before 10.2 refuses the bundle).
     old = new_ca("old CA", now=NOW - dt.timedelta(days=400), days=100)
     case(lambda: land(dst, pem(ca[0], old[0]), *d_leaf), {"destination bundle"}, False)
@@ -644,12 +646,12 @@ def test_pair_agrees_with_real_qemu_migrations(pair_env):
     # among the first 16 this QEMU still works: qemuca's limit of 16 is stricter there.)
     extra = [new_ca(f"extra {i}")[0] for i in range(16)]
     report, result = case(lambda: land(src, pem(*extra, ca[0]), *s_leaf), {"source bundle"}, False)
-    assert "#17" in [c for c in report.checks if c.check == "source bundle"][0].detail
+    assert "#17" in [c for c in report.findings if c.check == "source bundle"][0].detail
     assert "Our own certificate" in result.error
     # A stale CRL on the destination: GnuTLS (3.7) still uses it and QEMU migrates; a warning.
     report, _ = case(lambda: land(dst, bundle, *d_leaf, crl=make_crl(ca, [], last=NOW - dt.timedelta(days=40))),
                      set(), True)
-    assert "stale" in [c.detail for c in report.checks if c.result == "warn"][0]
+    assert "stale" in [c.detail for c in report.findings if c.result == "warn"][0]
     # The source's certificate expired.
     s_expired = new_leaf(ca, src.name, now=NOW - dt.timedelta(days=400), days=30)
     case(lambda: land(src, bundle, *s_expired), {"source certificate"}, False)
@@ -665,7 +667,7 @@ def test_pair_agrees_with_real_qemu_migrations(pair_env):
     d_key = serialization.load_pem_private_key(store_key(home, dst.name), None)
     report, _ = case(lambda: land(dst, bundle, d_issued, d_key), {"destination not revoked (CA's CRL)"}, True,
                      ref=revoked_ref)
-    assert "never reads a CRL" in [c for c in report.checks if c.check.startswith("destination not")][0].detail
+    assert "never reads a CRL" in [c for c in report.findings if c.check.startswith("destination not")][0].detail
     assert not _openssl_left(fleet), "openssl processes left behind"
 
 
@@ -698,7 +700,7 @@ def test_handshake_cleans_up_and_skips_without_openssl(pair_env):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        check = verify.handshake(src_side, dst_side, fleet[1].name,
+        check = handshake(src_side, dst_side, fleet[1].name,
                                  verify.PairOptions(address="127.0.0.1", port=port, timeout=5))
     assert check.result == "fail" and f"port {port} is already in use" in check.detail, check
     assert not _openssl_left(fleet)
@@ -715,7 +717,7 @@ def test_handshake_cleans_up_and_skips_without_openssl(pair_env):
             return self.runner.run(argv, **kw)
 
     bare = verify.Side(dst_side.name, dst_side.fs, NoOpenssl(dst_side.runner))
-    check = verify.handshake(src_side, bare, fleet[1].name, verify.PairOptions(address="127.0.0.1"))
+    check = handshake(src_side, bare, fleet[1].name, verify.PairOptions(address="127.0.0.1"))
     assert check.result == "skip" and "has no openssl" in check.detail
     # A client that never reaches the server: s_server is left waiting in accept() and
     # must be killed by PID. The client talks to a listener that never answers: `timeout`
@@ -733,7 +735,7 @@ def test_handshake_cleans_up_and_skips_without_openssl(pair_env):
         port2 = _free_port()
         started = time.monotonic()
         lost = verify.Side(src_side.name, src_side.fs, Elsewhere(src_side.runner))
-        check = verify.handshake(lost, dst_side, fleet[1].name,
+        check = handshake(lost, dst_side, fleet[1].name,
                                  verify.PairOptions(address="127.0.0.1", port=port2, timeout=2))
         took = time.monotonic() - started
     assert check.result == "fail", check

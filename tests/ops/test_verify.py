@@ -23,11 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from qemuca.cli import cli
 from qemuca.errors import InvalidInput
-from qemuca.hosts import install, qemuconf
+from qemuca.hosts import certdir, install, qemuconf
 from qemuca.hosts.fs import LocalFS
 from qemuca.hosts.layout import CredentialSet, host_modes
+from qemuca.hosts.runner import LocalRunner
 from qemuca.ops import verify
-from qemuca.pki import profile
+from qemuca.ops.verify import pair as verify_pair
+from qemuca.pki import checks, profile
 from qemuca.pki.checks import fingerprint
 
 NOW = profile.utcnow()
@@ -120,11 +122,11 @@ def host_root(tmp_path, name, ca, leaf=None, bundle=None, conf=True, conf_dir=CE
 
 
 def fails(report, level="fail"):
-    return {c.check for c in report.checks if c.result == level}
+    return {c.check for c in report.findings if c.result == level}
 
 
 def detail(report, check):
-    return next(c.detail for c in report.checks if c.check == check)
+    return next(c.detail for c in report.findings if c.check == check)
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +153,14 @@ def test_resolve_inside_follows_our_links_and_refuses_escapes(tmp_path):
     os.symlink("loop", d / "loop")
     os.symlink(".qemuca/sets/gone/x.pem", d / "dangling.pem")
     root = str(d)
-    assert verify.resolve_inside(fs, root, "client-key.pem") == (f"{root}/.qemuca/sets/s1/server-key.pem", None)
-    assert verify.resolve_inside(fs, root, "absolute-inside.pem")[0] == f"{root}/.qemuca/sets/s1/server-key.pem"
+    assert certdir.resolve_inside(fs, root, "client-key.pem") == (f"{root}/.qemuca/sets/s1/server-key.pem", None)
+    assert certdir.resolve_inside(fs, root, "absolute-inside.pem")[0] == f"{root}/.qemuca/sets/s1/server-key.pem"
     for name in ("server-cert.pem", "ca-cert.pem", "escape-dir/outside.pem"):
-        path, why = verify.resolve_inside(fs, root, name)
+        path, why = certdir.resolve_inside(fs, root, name)
         assert path is None and "out of" in why, (name, why)
-    assert "too many levels" in verify.resolve_inside(fs, root, "loop")[1]
-    assert verify.resolve_inside(fs, root, "dangling.pem")[1].startswith("missing")
-    assert verify.resolve_inside(fs, root, "server-key.pem") == (None, "missing")
+    assert "too many levels" in certdir.resolve_inside(fs, root, "loop")[1]
+    assert certdir.resolve_inside(fs, root, "dangling.pem")[1].startswith("missing")
+    assert certdir.resolve_inside(fs, root, "server-key.pem") == (None, "missing")
 
 
 # ---------------------------------------------------------------- one host, over a real FS
@@ -166,9 +168,9 @@ def test_resolve_inside_follows_our_links_and_refuses_escapes(tmp_path):
 
 def test_a_good_host_passes_and_crafted_defects_fail(tmp_path, ca):
     root, fs = host_root(tmp_path, "a", ca, leaf=new_leaf(ca, "a.qemu.test"))
-    runner = verify.LocalRunner()
+    runner = LocalRunner()
     report = verify.verify_host(None, fs, runner, verify.VerifyOptions(**OPTS))
-    assert report.host == "a.qemu.test" and report.result == "pass", [c for c in report.checks if c.result != "pass"]
+    assert report.host == "a.qemu.test" and report.result == "pass", [c for c in report.findings if c.result != "pass"]
     assert fails(report, "skip") == {"daemon settings"}
     assert "a.qemu.test is among" in detail(report, "server-cert.pem subjectAltName")
 
@@ -190,10 +192,10 @@ def test_a_good_host_passes_and_crafted_defects_fail(tmp_path, ca):
 def test_warn_days_and_strict(tmp_path, ca):
     leaf = new_leaf(ca, "a.qemu.test", now=NOW - dt.timedelta(days=700), days=710)
     _, fs = host_root(tmp_path, "a", ca, leaf=leaf)
-    report = verify.verify_host("a.qemu.test", fs, verify.LocalRunner(), verify.VerifyOptions(**OPTS))
+    report = verify.verify_host("a.qemu.test", fs, LocalRunner(), verify.VerifyOptions(**OPTS))
     assert fails(report, "warn") == {"server-cert.pem validity"} and report.result == "warn"
     assert not report.failed() and report.failed(strict=True)
-    quiet = verify.verify_host("a.qemu.test", fs, verify.LocalRunner(),
+    quiet = verify.verify_host("a.qemu.test", fs, LocalRunner(),
                                verify.VerifyOptions(**OPTS, warn_days=5))
     assert quiet.result == "pass"
 
@@ -202,14 +204,14 @@ def test_bundle_limits_name_qemus_rules():
     ca = new_ca("ours")
     leaf = new_leaf(ca, "a.qemu.test")[0]
     others = [new_ca(f"other {i}")[0] for i in range(16)]
-    assert verify.bundle_problems([ca[0]] + others[:15], NOW, leaf) == []
-    first = verify.bundle_problems([ca[0]] + others, NOW, leaf)
+    assert checks.bundle_problems([ca[0]] + others[:15], NOW, leaf) == []
+    first = checks.bundle_problems([ca[0]] + others, NOW, leaf)
     assert len(first) == 1 and "holds 17 CAs" in first[0] and "#" not in first[0]
-    last = verify.bundle_problems(others + [ca[0]], NOW, leaf)
+    last = checks.bundle_problems(others + [ca[0]], NOW, leaf)
     assert "#17" in last[0] and "refuses its own certificate" in last[0]
     old = new_ca("old", now=NOW - dt.timedelta(days=100), days=10)[0]
     future = new_ca("future", now=NOW + dt.timedelta(days=10))[0]
-    problems = verify.bundle_problems([ca[0], old, future], NOW, leaf)
+    problems = checks.bundle_problems([ca[0], old, future], NOW, leaf)
     assert any("'old' expired" in p for p in problems) and any("'future' is not valid before" in p
                                                                for p in problems)
 
@@ -239,8 +241,8 @@ def test_daemon_started_before_or_after_the_last_qemu_conf_change(tmp_path, ca, 
     (root / "run/virtqemud.pid").write_text(f"{fake_daemon.pid}\n")
 
     def daemon_row():
-        report = verify.verify_host(None, fs, verify.LocalRunner(), opts)
-        return next(c for c in report.checks if c.check.startswith("daemon settings"))
+        report = verify.verify_host(None, fs, LocalRunner(), opts)
+        return next(c for c in report.findings if c.check.startswith("daemon settings"))
 
     os.utime(conf, (time.time() - 3600,) * 2)
     row = daemon_row()
@@ -262,7 +264,7 @@ def test_daemon_started_before_or_after_the_last_qemu_conf_change(tmp_path, ca, 
 def test_pair_logic_on_local_sets(tmp_path, ca):
     _, a = host_root(tmp_path, "a", ca, leaf=new_leaf(ca, "a.qemu.test"))
     _, b = host_root(tmp_path, "b", ca, leaf=new_leaf(ca, "b.qemu.test", sans=["10.0.0.2"]))
-    runner = verify.LocalRunner()
+    runner = LocalRunner()
     src, dst = verify.Side("a.qemu.test", a, runner), verify.Side("b.qemu.test", b, runner)
     report = verify.verify_pair(src, dst, verify.PairOptions(tls_destination="b.qemu.test"))
     assert report.result == "pass", report.as_dict()
@@ -289,14 +291,14 @@ def test_pair_logic_on_local_sets(tmp_path, ca):
     ("b.qemu.test", ["10.0.0.2"], False),
 ])
 def test_name_matching_follows_the_sources_rules(name, sans, ok):
-    assert verify._name_matches(name, sans) is ok
+    assert verify_pair._name_matches(name, sans) is ok
 
 
 # ---------------------------------------------------------------- runner and CLI shape
 
 
 def test_local_runner_uses_the_same_allowlist():
-    runner = verify.LocalRunner()
+    runner = LocalRunner()
     assert runner.run(["hostname"]).ok
     with pytest.raises(InvalidInput):
         runner.run(["sh", "-c", "true"])

@@ -9,7 +9,9 @@ import click
 
 from qemuca.cli.output import RESULT_STYLE, emit_json, json_option, note, print_checks
 from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
-from qemuca.ops.probe import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF, DEFAULT_RAM_MIB
+from qemuca.hosts.layout import DEFAULT_CERT_DIR
+from qemuca.hosts.qemuconf import DEFAULT_PATH as DEFAULT_QEMU_CONF
+from qemuca.ops.probe.report import DEFAULT_RAM_MIB
 
 
 @click.command("probe")
@@ -36,11 +38,12 @@ from qemuca.ops.probe import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF, DEFAULT_RAM_MI
               help="Where the hosts keep their QEMU credentials.")
 @click.option("--qemu-conf", "qemu_conf_path", default=DEFAULT_QEMU_CONF, show_default=True,
               help="libvirt's QEMU driver configuration on the destination (reported, not changed).")
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit 1), as with verify and doctor.")
 @parallel_option
 @json_option
 @click.pass_obj
 def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address, port, ram_mib,
-              compare_plain, cert_dir, qemu_conf_path, parallel, as_json):
+              compare_plain, cert_dir, qemu_conf_path, strict, parallel, as_json):
     """Run a real encrypted test migration from SRC to DST, with QEMU, over SSH.
 
     \b
@@ -63,7 +66,7 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
     after that in any case.
 
     Exit 0 when every probe passes, 1 when any fails (a host that cannot be reached is
-    a failed probe).
+    a failed probe), or with --strict when any warns.
     """
     from qemuca.errors import InvalidInput
     from qemuca.ops import probe
@@ -115,7 +118,7 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
         emit_json(reports[0].as_dict())
     else:
         _render_one(reports[0])
-    return 0 if all(r.passed for r in reports) else 1
+    return 1 if any(r.failed(strict) for r in reports) else 0
 
 
 def _revocations(app):
@@ -182,6 +185,7 @@ def _render_matrix(reports, as_json: bool) -> None:
     from rich.text import Text
 
     from qemuca.cli.output import console
+    from qemuca.findings import FAIL
 
     cells = {r.pair: r for r in reports}
     table = Table(title=f"Probe matrix: {passed}/{len(reports)} pairs passed (rows: source, "
@@ -204,7 +208,7 @@ def _render_matrix(reports, as_json: bool) -> None:
         for col in ("pair", "check", "detail"):
             detail.add_column(col, overflow="fold")
         for r in failed:
-            for f in (f for f in r.findings if f.result == "fail"):
+            for f in (f for f in r.findings if f.result is FAIL):
                 text = Text(f.detail)
                 if f.fix:
                     text.append(f"\nfix: {f.fix}", style="italic")

@@ -105,6 +105,10 @@ class FS:
     def exists(self, path: str) -> bool:
         return self.stat(path, follow=False) is not None
 
+    def is_dir(self, path: str) -> bool:
+        st = self.stat(path)
+        return st is not None and st.is_dir
+
 
 def make_dirs(path: str, mode: int = 0o755) -> None:
     """Create `path` and its missing parents, each with exactly `mode` whatever the umask

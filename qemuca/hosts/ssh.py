@@ -453,6 +453,49 @@ def _describe(exc: BaseException, timeout: float) -> str:
     return text or type(exc).__name__
 
 
+class ExecChannel:
+    """A long-running remote program on its own SSH exec channel: what its stdin and
+    stdout carry is the caller's protocol (probe speaks QMP over it). Failures of the
+    channel are EOFError, whatever paramiko raised."""
+
+    def __init__(self, chan: paramiko.Channel):
+        self._chan = chan
+
+    def send(self, data: bytes) -> None:
+        try:
+            self._chan.sendall(data)
+        except (OSError, paramiko.SSHException) as e:
+            raise EOFError(str(e)) from None
+
+    def wait_readable(self, seconds: float) -> None:
+        """Until stdout or stderr has data, the channel ends, or `seconds` pass."""
+        select.select([self._chan], [], [], seconds)
+
+    def read(self) -> bytes:
+        """What stdout holds now (b"" when nothing)."""
+        return self._chan.recv(65536) if self._chan.recv_ready() else b""
+
+    def read_stderr(self) -> bytes:
+        out = bytearray()
+        while self._chan.recv_stderr_ready():
+            out += self._chan.recv_stderr(65536)
+        return bytes(out)
+
+    @property
+    def at_eof(self) -> bool:
+        return self._chan.eof_received or self._chan.closed
+
+    def exited(self) -> bool:
+        return self._chan.exit_status_ready()
+
+    def wait_exit(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the program's end; whether it ended."""
+        return self._chan.status_event.wait(seconds)
+
+    def close(self) -> None:
+        self._chan.close()
+
+
 class Connection:
     """One authenticated SSH connection to one host; close it (or use `with`)."""
 
@@ -542,6 +585,21 @@ class Connection:
                     check: bool = False, **args: str) -> RunResult:
         """run() a COMMANDS template."""
         return self.run(command(name, **args), stdin=stdin, timeout=timeout, check=check)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the connection is still up (a lost one fails every later operation)."""
+        return self.transport.is_active()
+
+    def open_exec(self, argv: Sequence[str], what: str) -> ExecChannel:
+        """Start an allowlisted program on its own channel and leave it running."""
+        line = command_line(argv)
+        try:
+            chan = self.transport.open_session(timeout=self.command_timeout)
+            chan.exec_command(line)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise self.error(e, what) from None
+        return ExecChannel(chan)
 
     def _tunnel(self, host: str, port: int, timeout: float) -> paramiko.Channel:
         """A direct-tcpip channel from this host to host:port (ProxyJump's hop)."""

@@ -153,6 +153,17 @@ def world(tmp_path_factory):
 # --------------------------------------------------------------------- success
 
 
+def test_strict_fails_a_probe_that_only_warns(world):
+    """--strict means what it means for verify and doctor: a warning fails (here libvirt
+    on the destination still accepts unencrypted migrations)."""
+    fleet, (h1, h2) = world.fleet, world.names[:2]
+    proc, report = probe_json(world.home, fleet, h1, h2, *SMALL)
+    assert proc.returncode == 0 and report["result"] == "pass"
+    assert finding(report, "destination qemu.conf")["result"] == "warn"
+    strict, report = probe_json(world.home, fleet, h1, h2, *SMALL, "--strict")
+    assert strict.returncode == 1 and report["result"] == "pass", strict.stderr
+
+
 def test_probe_pair_completes_refuses_plain_and_measures(world):
     fleet, (h1, h2) = world.fleet, world.names[:2]
     before = snapshot(fleet, [fleet[h1], fleet[h2]])

@@ -5,9 +5,7 @@ from __future__ import annotations
 import click
 
 from qemuca.cli.options import passphrase_file_option
-from qemuca.cli.output import console, emit_json, json_option, note
-
-STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+from qemuca.cli.output import RESULT_STYLE, console, emit_json, json_option, note, print_checks
 
 
 @click.command("doctor")
@@ -54,14 +52,6 @@ def doctor_cmd(app, repair, strict, passphrase_file, as_json):
 
 
 def _print(report) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"Store {report.home}", title_justify="left")
-    for col in ("check", "result", "detail"):
-        table.add_column(col)
-    for c in report.checks:
-        table.add_row(c.check, f"[{STYLE[c.result]}]{c.result}[/]", c.detail)
-    out = console()
-    out.print(table)
-    counts = {r: sum(1 for c in report.checks if c.result == r) for r in STYLE}
-    out.print(f"{report.result.upper()}: " + ", ".join(f"{n} {r}" for r, n in counts.items() if n))
+    print_checks(f"Store {report.home}", report.result, report.findings)
+    counts = {r: sum(1 for f in report.findings if f.result == r) for r in RESULT_STYLE}
+    console().print(f"{report.result.upper()}: " + ", ".join(f"{n} {r}" for r, n in counts.items() if n))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from qemuca.cli.output import console, emit_json, json_option
-
-STYLE = {"OK": "green", "WARNING": "yellow", "CRITICAL": "bold red"}
+from qemuca.cli.output import emit_json, json_option, print_table
 
 
 @click.command("check")
@@ -43,15 +41,11 @@ def check_cmd(app, warn_days, crit_days, crl_warn_days, as_json):
     click.echo(report.summary())
     problems = report.problems()
     if problems:
-        from rich.table import Table
-        from rich.text import Text
+        from qemuca.cli.tables import Column
 
-        table = Table(title=f"{len(problems)} problem(s)", title_justify="left")
-        for col in ("state", "kind", "subject", "detail"):
-            table.add_column(col)
-        for c in problems:
-            table.add_row(Text(c.state, style=STYLE[c.state]), Text(c.kind), Text(c.subject), Text(c.detail))
-        console().print(table)
+        print_table(f"{len(problems)} problem(s)",
+                    [Column("subject", whole=True), Column("state", essential=True), "kind", "detail"],
+                    [(c.subject, c.state, c.kind, c.detail) for c in problems])
     return report.exit_code
 
 

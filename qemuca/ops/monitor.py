@@ -18,14 +18,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from cryptography import x509
 
 from qemuca.errors import InvalidInput, QemucaError, StoreError
+from qemuca.findings import FAIL, PASS, WARN, Result, worst
 from qemuca.pki.ca import CertificateAuthority, Signer
 from qemuca.pki.certinfo import read_pem_blocks
 from qemuca.pki.profile import utcnow
 from qemuca.store.index import CertRecord, Store, iso, parse_iso
 
-OK, WARNING, CRITICAL = "OK", "WARNING", "CRITICAL"
-EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2}
-_RANK = {OK: 0, WARNING: 1, CRITICAL: 2}
+# The monitoring-plugin states are the results of qemuca's findings under their plugin
+# names; their order, and so the overall state, is worst()'s.
+OK, WARNING, CRITICAL = PASS, WARN, FAIL
+STATE_NAMES = {PASS: "OK", WARN: "WARNING", FAIL: "CRITICAL"}
+EXIT_CODES = {PASS: 0, WARN: 1, FAIL: 2}
 DEFAULT_WARN_DAYS = 30
 DEFAULT_CRIT_DAYS = 7
 # qemuca re-signs the CRL for 30 days by default: warning within --warn-days (30) would
@@ -36,15 +39,21 @@ STATUSES = ("valid", "revoked", "superseded")
 
 
 @dataclass(frozen=True)
-class Check:
-    """One thing checked: kind is ca, certificate, crl, rollover or deployment."""
+class Status:
+    """The state of one monitored thing: kind is ca, certificate, crl, rollover or
+    deployment; dated things carry their date and days left (perfdata, metrics)."""
 
     kind: str
     subject: str
-    state: str
+    result: Result
     detail: str
     not_after: Optional[str] = None  # ISO 8601 UTC, for dated things
     days_left: Optional[int] = None
+
+    @property
+    def state(self) -> str:
+        """OK, WARNING or CRITICAL."""
+        return STATE_NAMES[self.result]
 
     def as_dict(self) -> dict:
         data = {"kind": self.kind, "subject": self.subject, "state": self.state, "detail": self.detail}
@@ -55,7 +64,7 @@ class Check:
 
 @dataclass
 class Report:
-    checks: List[Check]
+    checks: List[Status]
     warn_days: int
     crit_days: int
     crl_warn_days: int = DEFAULT_CRL_WARN_DAYS
@@ -63,17 +72,20 @@ class Report:
     perf: Dict[str, int] = field(default_factory=dict)
 
     @property
+    def result(self) -> Result:
+        return worst(c.result for c in self.checks)
+
+    @property
     def status(self) -> str:
-        return max((c.state for c in self.checks), key=_RANK.__getitem__, default=OK)
+        return STATE_NAMES[self.result]
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES[self.status]
+        return EXIT_CODES[self.result]
 
-    def problems(self) -> List[Check]:
+    def problems(self) -> List[Status]:
         """Non-OK checks, worst first."""
-        bad = [c for c in self.checks if c.state != OK]
-        return sorted(bad, key=lambda c: -_RANK[c.state])
+        return sorted((c for c in self.checks if c.result is not OK), key=lambda c: -c.result.rank)
 
     def summary(self) -> str:
         """The monitoring-plugin status line: `QEMUCA STATE - text | perfdata`."""
@@ -121,7 +133,7 @@ def days_left(not_after: dt.datetime, now: dt.datetime) -> int:
     return (not_after - now) // dt.timedelta(days=1)
 
 
-def _expiry_state(not_after: dt.datetime, now: dt.datetime, warn_days: int, crit_days: int) -> str:
+def _expiry_state(not_after: dt.datetime, now: dt.datetime, warn_days: int, crit_days: int) -> Result:
     left = not_after - now
     if left <= dt.timedelta(0) or left < dt.timedelta(days=crit_days):
         return CRITICAL
@@ -137,9 +149,9 @@ def _expiry_text(not_after: dt.datetime, now: dt.datetime, verb: str = "expires"
 
 
 def _dated(kind: str, subject: str, not_after: dt.datetime, now: dt.datetime, warn_days: int,
-           crit_days: int, prefix: str = "", verb: str = "expires") -> Check:
+           crit_days: int, prefix: str = "", verb: str = "expires") -> Status:
     state = _expiry_state(not_after, now, warn_days, crit_days)
-    return Check(kind, subject, state, prefix + _expiry_text(not_after, now, verb), iso(not_after),
+    return Status(kind, subject, state, prefix + _expiry_text(not_after, now, verb), iso(not_after),
                  days_left(not_after, now))
 
 
@@ -193,7 +205,7 @@ def run_checks(store: Store, warn_days: int = DEFAULT_WARN_DAYS, crit_days: int 
     authority = CertificateAuthority(store)
     trusted = authority.trusted()
     trusted_fps = {s.fingerprint for s in trusted}
-    checks: List[Check] = []
+    checks: List[Status] = []
     perf: Dict[str, int] = {}
 
     # The CAs hosts trust: one expired CA in the bundle breaks QEMU before 10.2.
@@ -201,7 +213,7 @@ def run_checks(store: Store, warn_days: int = DEFAULT_WARN_DAYS, crit_days: int 
         role = _ca_role(authority, signer)
         cert = signer.cert
         if now < cert.not_valid_before_utc:
-            checks.append(Check("ca", _ca_subject(signer, role), CRITICAL,
+            checks.append(Status("ca", _ca_subject(signer, role), CRITICAL,
                                 f"not valid before {iso(cert.not_valid_before_utc)}"))
         else:
             checks.append(_dated("ca", _ca_subject(signer, role), cert.not_valid_after_utc, now,
@@ -233,37 +245,37 @@ def run_checks(store: Store, warn_days: int = DEFAULT_WARN_DAYS, crit_days: int 
 
 
 def _rollover_check(authority: CertificateAuthority, rollover: dict, now: dt.datetime,
-                    warn_days: int, crit_days: int) -> Check:
+                    warn_days: int, crit_days: int) -> Status:
     """A rollover in progress is at least WARNING: hosts carry two CAs until it ends, and
     QEMU before 10.2 rejects the whole bundle once the previous CA expires."""
     stage = rollover.get("stage", "unknown")
     previous = authority.previous
     if previous is None:
-        return Check("rollover", "CA rollover", WARNING, f"in progress (stage {stage}); "
+        return Status("rollover", "CA rollover", WARNING, f"in progress (stage {stage}); "
                      "no previous CA in the store")
     not_after = previous.cert.not_valid_after_utc
     check = _dated("rollover", "CA rollover", not_after, now, warn_days, crit_days,
                    prefix=f"in progress (stage {stage}); previous CA ", verb="expires")
-    if check.state == OK:
-        return dataclasses.replace(check, state=WARNING)
+    if check.result is OK:
+        return dataclasses.replace(check, result=WARNING)
     return dataclasses.replace(check, detail=check.detail + ": finish the rollover (QEMU before "
                                "10.2 rejects a bundle holding an expired CA)")
 
 
 def _certificate_check(rec: CertRecord, trusted_fps, now: dt.datetime, warn_days: int,
-                       crit_days: int) -> Check:
+                       crit_days: int) -> Status:
     if rec.ca_fingerprint not in trusted_fps:
-        return Check("certificate", rec.host, CRITICAL,
+        return Status("certificate", rec.host, CRITICAL,
                      f"issued by a CA hosts no longer trust ({rec.ca_fingerprint[:16]}): reissue it",
                      rec.not_after, days_left(parse_iso(rec.not_after), now))
     if now < parse_iso(rec.not_before):
-        return Check("certificate", rec.host, CRITICAL, f"not valid before {rec.not_before}",
+        return Status("certificate", rec.host, CRITICAL, f"not valid before {rec.not_before}",
                      rec.not_after, days_left(parse_iso(rec.not_after), now))
     return _dated("certificate", rec.host, parse_iso(rec.not_after), now, warn_days, crit_days)
 
 
 def _crl_checks(store: Store, trusted: Sequence[Signer], now: dt.datetime,
-                warn_days: int) -> Tuple[List[Check], Optional[int]]:
+                warn_days: int) -> Tuple[List[Status], Optional[int]]:
     """The CRLs hosts get (ca-crl.pem), needed once anything is revoked. A CRL past its
     next update is CRITICAL: it is no longer authoritative and OpenSSL refuses it ("CRL
     has expired"), although QEMU 7.2 with GnuTLS 3.7 was seen to keep using it."""
@@ -271,20 +283,20 @@ def _crl_checks(store: Store, trusted: Sequence[Signer], now: dt.datetime,
     try:
         crls = read_crls(store)
     except QemucaError as e:
-        return [Check("crl", store.crl_path, CRITICAL, str(e))], None
+        return [Status("crl", store.crl_path, CRITICAL, str(e))], None
     if crls is None:
         if revoked:
-            return [Check("crl", store.crl_path, CRITICAL,
+            return [Status("crl", store.crl_path, CRITICAL,
                           "certificates are revoked but no CRL exists: run 'qemuca crl'")], None
         return [], None
-    checks: List[Check] = []
+    checks: List[Status] = []
     for crl in crls:
         subject = f"CRL of {crl.issuer}"
         if crl.next_update is None:
-            checks.append(Check("crl", subject, WARNING, "no next update date"))
+            checks.append(Status("crl", subject, WARNING, "no next update date"))
         elif not revoked:
             # Hosts get no ca-crl.pem while nothing is revoked: an old one harms nothing.
-            checks.append(Check("crl", subject, OK, "not deployed (nothing is revoked); next update "
+            checks.append(Status("crl", subject, OK, "not deployed (nothing is revoked); next update "
                                 + _expiry_text(crl.next_update, now, "due"),
                                 iso(crl.next_update), days_left(crl.next_update, now)))
         else:
@@ -296,14 +308,14 @@ def _crl_checks(store: Store, trusted: Sequence[Signer], now: dt.datetime,
     for rec in revoked:
         if (rec.ca_fingerprint in trusted_fps and rec.serial not in listed
                 and parse_iso(rec.not_after) > now):
-            checks.append(Check("crl", rec.host, CRITICAL,
+            checks.append(Status("crl", rec.host, CRITICAL,
                                 f"revoked serial {rec.serial} is in no CRL: run 'qemuca crl' and deploy"))
     dated = [c.next_update for c in crls if c.next_update is not None]
     return checks, (min(days_left(d, now) for d in dated) if dated and revoked else None)
 
 
 def _deployment_checks(store: Store, authority: CertificateAuthority,
-                       current: Sequence[CertRecord]) -> List[Check]:
+                       current: Sequence[CertRecord]) -> List[Status]:
     """Hosts whose last successful deployment is not their current certificate, or not
     the CA bundle hosts must trust now (it changes with a rollover's stages)."""
     deployed = store.deployed()
@@ -315,12 +327,12 @@ def _deployment_checks(store: Store, authority: CertificateAuthority,
             continue  # never deployed by qemuca (e.g. exported by hand): nothing to compare
         fp, at = deployed[rec.host]
         if fp != rec.fingerprint_sha256:
-            checks.append(Check("deployment", rec.host, WARNING,
+            checks.append(Status("deployment", rec.host, WARNING,
                                 f"not deployed: current certificate {rec.fingerprint_sha256[:16]}, "
                                 f"last deployed {(fp or 'none')[:16]} at {at}"))
         elif bundles.get(rec.host) not in (None, bundle_now):
             # None: a deployment recorded before qemuca tracked bundles.
-            checks.append(Check("deployment", rec.host, WARNING,
+            checks.append(Status("deployment", rec.host, WARNING,
                                 f"not deployed: the CA bundle changed since the last deployment at {at} "
                                 "(deploy --bundle-only)"))
     return checks

@@ -21,50 +21,32 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from qemuca.errors import NotFound, PassphraseError, StoreError
+from qemuca.findings import FAIL, PASS, SKIP, WARN, Finding, Outcome, Result, worst
+from qemuca.hosts.fs import TEMP_MARK
 from qemuca.pki import profile
-from qemuca.pki.checks import issued_by
+from qemuca.pki.checks import crl_signed_by, fingerprint, is_encrypted_pem, issued_by, key_matches
 from qemuca.store.index import SCHEMA_VERSION, Store, iso
 
-PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
-RANK = {PASS: 0, SKIP: 0, WARN: 1, FAIL: 2}
 CERT_ACTIONS = ("issue", "sign", "enroll", "renew", "rekey")  # actions that record a certificate
 TABLES = ("meta", "certificates", "audit", "deployments")
 TRIGGERS = ("audit_no_update", "audit_no_delete")
-TEMP_MARK = ".qemuca-tmp-"
 STAGING = re.compile(r"^\.ca-new-(\d+)$")
 SHOWN = 5  # problems named per check; the rest are counted
 
 
-@dataclass(frozen=True)
-class Check:
-    check: str
-    result: str  # pass | warn | fail | skip
-    detail: str
-
-    def as_dict(self) -> dict:
-        return {"check": self.check, "result": self.result, "detail": self.detail}
-
-
 @dataclass
-class Report:
+class Report(Outcome):
     home: str
-    checks: List[Check] = field(default_factory=list)
+    findings: List[Finding] = field(default_factory=list)
     removed: List[str] = field(default_factory=list)  # what --repair removed
 
-    @property
-    def result(self) -> str:
-        worst = max((RANK[c.result] for c in self.checks), default=0)
-        return {0: PASS, 1: WARN, 2: FAIL}[worst]
-
-    def failed(self, strict: bool = False) -> bool:
-        return self.result == FAIL or (strict and self.result == WARN)
-
     def as_dict(self) -> dict:
-        return {"home": self.home, "result": self.result, "removed": self.removed,
-                "checks": [c.as_dict() for c in self.checks]}
+        return {"home": self.home, "result": self.result.value, "removed": self.removed,
+                "checks": [{"check": f.check, "result": f.result.value, "detail": f.detail}
+                           for f in self.findings]}
 
 
 @dataclass(frozen=True)
@@ -109,10 +91,31 @@ def _live_qemuca(pid: int) -> Optional[int]:
         return None
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
+            argv = f.read().split(b"\0")
     except OSError:
         return None
-    return pid if b"qemuca" in cmdline else None
+    return pid if is_qemuca(argv) else None
+
+
+_VALUED = (b"-X", b"-W", b"-Q")  # interpreter options that take a value
+
+
+def is_qemuca(argv: List[bytes]) -> bool:
+    """Whether a command line runs qemuca: its script (`qemuca ...`, or `python .../qemuca`
+    as its shebang runs it) or `python -m qemuca ...`. A shell whose working directory
+    or arguments merely mention "qemuca" is not one."""
+    if not argv or not argv[0]:
+        return False
+    if os.path.basename(argv[0]) == b"qemuca":
+        return True
+    if not os.path.basename(argv[0]).startswith(b"python"):
+        return False
+    i = 1
+    while i < len(argv) and argv[i].startswith(b"-") and argv[i] != b"-m":
+        i += 2 if argv[i] in _VALUED else 1
+    if i + 1 < len(argv) and argv[i] == b"-m":
+        return argv[i + 1] == b"qemuca"
+    return i < len(argv) and os.path.basename(argv[i]) == b"qemuca"
 
 
 def repair(home: str) -> List[str]:
@@ -162,20 +165,20 @@ def diagnose(home: str, passphrase: Optional[bytes] = None, now: Optional[dt.dat
         doc.run()
     finally:
         store.close()
-    return Report(store.home, doc.checks)
+    return Report(store.home, doc.findings)
 
 
 class _Doctor:
     def __init__(self, store: Store, passphrase: Optional[bytes], now: dt.datetime):
         self.store, self.passphrase, self.now = store, passphrase, now
-        self.checks: List[Check] = []
+        self.findings: List[Finding] = []
         self.cas: Dict[str, KnownCA] = {}
         self.rollover: Optional[dict] = None
 
-    def add(self, check: str, result: str, detail: str) -> None:
-        self.checks.append(Check(check, result, detail))
+    def add(self, check: str, result: Result, detail: str) -> None:
+        self.findings.append(Finding(check, result, detail))
 
-    def problems(self, check: str, problems: List[str], ok: str, result: str = FAIL) -> None:
+    def problems(self, check: str, problems: List[str], ok: str, result: Result = FAIL) -> None:
         if not problems:
             self.add(check, PASS, ok)
             return
@@ -256,7 +259,7 @@ class _Doctor:
         if os.path.lexists(store.previous_ca_dir):
             previous = self.check_ca("previous-ca", store.previous_ca_dir, "previous")
         for where, cert in _retired_cas(store.home):
-            fp = _fp(cert)
+            fp = fingerprint(cert)
             self.cas.setdefault(fp, KnownCA("retired", where, cert, fp))
         if index_ok:
             self.check_rollover(current, previous)
@@ -272,15 +275,15 @@ class _Doctor:
         except (OSError, ValueError) as e:
             self.add(f"{name}-cert", FAIL, f"{cert_path} is unreadable or corrupt: {e}")
             return None
-        fp = _fp(cert)
+        fp = fingerprint(cert)
         known = KnownCA(role, os.path.relpath(directory, self.store.home), cert, fp)
         self.cas[fp] = known
-        findings = [f for f in profile.check_ca(cert, self.now) if f.result != profile.PASS]
-        worst = FAIL if any(f.result == profile.FAIL for f in findings) else WARN if findings else PASS
+        findings = [f for f in profile.check_ca(cert, self.now) if f.result is not PASS]
+        result = worst(f.result for f in findings)
         detail = f"{cert.subject.rfc4514_string()}, SHA-256 {fp[:16]}, until {iso(cert.not_valid_after_utc)}"
         if findings:
             detail += ": " + "; ".join(f"{f.check}: {f.detail}" for f in findings)
-        self.add(f"{name}-cert", worst, detail)
+        self.add(f"{name}-cert", result, detail)
         self.check_ca_key(name, key_path, cert)
         return known
 
@@ -299,7 +302,7 @@ class _Doctor:
             self.add(f"{name}-key-mode", FAIL, f"{path} is mode {mode:04o}: chmod 600 {path}")
         else:
             self.add(f"{name}-key-mode", PASS, f"{path} is mode {mode:04o}")
-        encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+        encrypted = is_encrypted_pem(data)
         if encrypted and self.passphrase is None:
             self.add(f"{name}-key", SKIP, "not checked: encrypted (give --passphrase-file to check it)")
             return
@@ -310,7 +313,7 @@ class _Doctor:
                 raise PassphraseError(f"wrong passphrase for {path}") from None
             self.add(f"{name}-key", FAIL, f"{path} is corrupt")
             return
-        if not _same_public(key.public_key(), cert.public_key()):
+        if not key_matches(key, cert):
             self.add(f"{name}-key", FAIL, f"{path} does not match the CA certificate")
             return
         self.add(f"{name}-key", PASS, "matches the CA certificate" + (" (encrypted)" if encrypted else ""))
@@ -435,7 +438,7 @@ class _Doctor:
         trusted = [k for k in self.cas.values() if k.role in ("current", "previous")]
         signed: Dict[str, set] = {}
         for crl in crls:
-            signer = next((k for k in trusted if _crl_signed_by(crl, k.cert)), None)
+            signer = next((k for k in trusted if crl_signed_by(crl, k.cert)), None)
             if signer is None:
                 problems.append(f"a CRL ({crl.issuer.rfc4514_string()}) is signed by no trusted CA")
                 continue
@@ -484,10 +487,6 @@ class _Doctor:
 
 # ---------------------------------------------------------------- helpers
 
-def _fp(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
 def _retired_cas(home: str) -> List[Tuple[str, x509.Certificate]]:
     """CAs kept in retired/ (init --force: retired/<time>/ca/, rollover: retired/<time>-previous-ca/)."""
     out = []
@@ -504,25 +503,13 @@ def _retired_cas(home: str) -> List[Tuple[str, x509.Certificate]]:
     return out
 
 
-def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    try:
-        return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
-    except Exception:
-        return False
-
-
-def _same_public(a, b) -> bool:
-    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return a.public_bytes(*fmt) == b.public_bytes(*fmt)
-
-
 def _key_problem(key_pem: str, cert: x509.Certificate) -> Optional[str]:
     """Why the key held for a host does not serve its certificate (the key is never shown)."""
     try:
         key = serialization.load_pem_private_key(key_pem.encode(), password=None)
     except (ValueError, TypeError):
         return "key_pem does not load"
-    if not _same_public(key.public_key(), cert.public_key()):
+    if not key_matches(key, cert):
         return "key_pem does not match the certificate"
     return None
 
@@ -531,7 +518,7 @@ def _field_mismatches(cert, serial, host, sans_json, not_before, not_after, fp) 
     out = []
     if format(cert.serial_number, "x") != serial:
         out.append(f"serial differs from the certificate's {format(cert.serial_number, 'x')}")
-    if _fp(cert) != fp:
+    if fingerprint(cert) != fp:
         out.append("fingerprint differs from the certificate's")
     if iso(cert.not_valid_before_utc) != not_before:
         out.append(f"not_before {not_before} but the certificate says {iso(cert.not_valid_before_utc)}")

@@ -30,15 +30,15 @@ SECRET = b"correct horse battery staple"
 
 
 def results(report) -> dict:
-    return {c.check: c.result for c in report.checks}
+    return {c.check: c.result for c in report.findings}
 
 
 def detail(report, check) -> str:
-    return " | ".join(c.detail for c in report.checks if c.check == check)
+    return " | ".join(c.detail for c in report.findings if c.check == check)
 
 
 def failing(report) -> set:
-    return {c.check for c in report.checks if c.result == "fail"}
+    return {c.check for c in report.findings if c.result == "fail"}
 
 
 def raw(home):
@@ -290,15 +290,56 @@ def test_a_staging_directory_of_a_running_qemuca_is_left_alone(home):
         proc.stdout.close()
 
 
-def run_in_background(home):
-    """A process whose command line names qemuca (it just sleeps)."""
+def run_in_background(home, argv=None):
+    """A process that runs as `python -m qemuca --home HOME` would (a stand-in package
+    named qemuca that just sleeps), or with `argv` (which may merely mention qemuca)."""
     import subprocess
     import sys
+    import tempfile
 
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; print(); sys.stdout.flush(); "
-                             "time.sleep(60)", "qemuca", home], stdout=subprocess.PIPE)
+    stand_in = Path(tempfile.mkdtemp(prefix="qemuca-stand-in-"), "qemuca")
+    stand_in.mkdir()
+    (stand_in / "__init__.py").write_text("")
+    (stand_in / "__main__.py").write_text("import sys, time\nprint()\nsys.stdout.flush()\ntime.sleep(60)\n")
+    # -m looks in the working directory first: run it where the stand-in is.
+    proc = subprocess.Popen(argv or [sys.executable, "-m", "qemuca", "--home", home], stdout=subprocess.PIPE,
+                            cwd=stand_in.parent)
     proc.stdout.readline()  # running (its /proc cmdline is set)
     return proc
+
+
+def test_a_process_that_only_mentions_qemuca_is_not_one(home):
+    """A shell in /root/qemuca, or a program given "qemuca" as an argument, holds no
+    staging dir: its pid's leftovers are removed (issue: doctor took any such process for
+    a live qemuca)."""
+    import sys
+
+    proc = run_in_background(home, [sys.executable, "-c", "import sys, time; print(); sys.stdout.flush(); "
+                                    "time.sleep(60)", "qemuca", "/root/qemuca"])
+    try:
+        staging = Path(home, f".ca-new-{proc.pid}")
+        staging.mkdir()
+        assert [(i.path, i.owner) for i in doctor.find_leftovers(home)] == [(str(staging), None)]
+        assert doctor.repair(home) == [staging.name] and not staging.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([b"/usr/bin/python3", b"-m", b"qemuca", b"list"], True),
+    ([b"/venv/bin/python", b"-X", b"importtime", b"-m", b"qemuca"], True),
+    ([b"/venv/bin/python3.11", b"/venv/bin/qemuca", b"deploy"], True),
+    ([b"/usr/local/bin/qemuca", b"verify"], True),
+    ([b"bash", b"-c", b"cd /root/qemuca && make"], False),
+    ([b"/usr/bin/python3", b"-c", b"pass", b"qemuca"], False),
+    ([b"/usr/bin/python3", b"-m", b"qemuca_other"], False),
+    ([b"vim", b"qemuca/cli.py"], False),
+    ([b""], False),
+])
+def test_is_qemuca_reads_the_command_line(argv, expected):
+    assert doctor.is_qemuca(argv) is expected
 
 
 # ---------------------------------------------------------------- the journal: killed mid-transaction
@@ -370,7 +411,7 @@ def test_a_rollover_killed_between_its_renames_is_undone(home):
     assert store.rollover() is None and store.journal_files() == []
     assert audit_actions(home)[-1] == "recover" and "ca/" in " ".join(store.recovered)
     report = doctor.diagnose(home)
-    assert set(c.check for c in report.checks if c.result != "pass") == {"leftovers"}
+    assert set(c.check for c in report.findings if c.result != "pass") == {"leftovers"}
     doctor.repair(home)
     assert doctor.diagnose(home).result == "pass"
     rollover(Store.open(home))  # and the rollover can simply be started again
@@ -504,4 +545,4 @@ def test_a_journal_left_before_init_force_is_not_applied_to_the_new_ca(home):
     store = Store.open(home)
     assert ca_dir_fingerprint(store.ca_dir) == fresh and not os.path.exists(store.crl_path)
     assert store.journal_files() == [] and "of a retired index" in " ".join(store.recovered)
-    assert set(c.check for c in doctor.diagnose(home).checks if c.result != "pass") <= {"leftovers"}
+    assert set(c.check for c in doctor.diagnose(home).findings if c.result != "pass") <= {"leftovers"}

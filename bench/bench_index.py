@@ -85,7 +85,7 @@ def fill_index(home: str, n: int, revoked: int) -> None:
 
 def timed(cmd: List[str], env: dict) -> tuple:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.run(cmd, capture_output=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed ({proc.returncode}):\n"

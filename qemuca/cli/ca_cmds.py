@@ -48,7 +48,8 @@ def _write_out(out, data: bytes):
 @click.command("init")
 @click.option("--cn", "common_name", help="CA common name [default: 'QEMU CA <this host's FQDN>'].")
 @click.option("--org", "organization", help="Organisation (O) of the CA subject.")
-@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_CA_KEY_TYPE, show_default=True)
+@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_CA_KEY_TYPE,
+              show_default=True)
 @click.option("--days", type=click.IntRange(1, 36500), default=3650, show_default=True,
               help="Validity of the CA in days.")
 @passphrase_file_option

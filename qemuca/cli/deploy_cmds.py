@@ -158,7 +158,7 @@ def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, p
     hosts = select_hosts(app, selection)
     store = app.store()
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
-    authority.key  # unlock once, before the workers start
+    authority.unlock()  # once, before the workers start
     connect = connector(app, ssh)
 
     def operation(host):

@@ -34,7 +34,7 @@ def list_cmd(app, expiring_within, show_all, wide, as_json):
     deployed; --wide (or a wide terminal) adds serial, key type, fingerprint and times.
     """
     store = app.store()
-    records = store.certificates() if show_all else store.certificates("status != 'superseded'")
+    records = store.certificates() if show_all else store.certificates(("valid", "revoked"))
     if expiring_within is not None:
         records = [r for r in records if r.status == "valid" and _days_left(r.not_after) <= expiring_within]
     deployed = store.deployed()

@@ -55,7 +55,7 @@ def _lifecycle_command(name, verb, doc):
             emit_json([]) if as_json else note(f"No host expires within {expiring_within} days.")
             return 0
         authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
-        authority.key  # unlock once, before the workers start
+        authority.unlock()  # once, before the workers start
         connect = connector(app, ssh)
 
         def operation(host):
@@ -153,7 +153,7 @@ def rollover_start_cmd(app, common_name, organization, key_type, days, passphras
     encrypted = b"ENCRYPTED" in open(store.ca_key_path, "rb").read(64)
     passphrase = passphrase_source(passphrase_file)() if encrypted else None
     if encrypted:
-        authority.key  # the passphrase must open the current key before it protects the new one
+        authority.unlock()  # the passphrase must open the current key before it protects the new one
     if not common_name:
         year = profile.utcnow().year
         common_name = f"{ca.default_ca_common_name()} {year}"
@@ -195,7 +195,7 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     if problems:
         raise Conflict(f"cannot finish the rollover: {problems[0]}"
                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    authority.key
+    authority.unlock()
     lifecycle.rollover_begin_finish(store)
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
     if store.revoked():
@@ -203,7 +203,7 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     from qemuca.ops.deploy import DeployOptions
 
     opts = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=False)
-    hosts = [r.host for r in store.certificates("status = 'valid'")]
+    hosts = [r.host for r in store.valid()]
     connect = connector(app, ssh)
     reports = run_with_progress(
         hosts, lambda h: run_on_host(h, connect, lambda conn, fs: refresh_host(

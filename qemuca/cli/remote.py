@@ -96,7 +96,7 @@ def select_hosts(app, selection):
     elif limit:
         raise InvalidInput("--limit goes with --inventory")
     if all_hosts:
-        names += [r.host for r in app.store().certificates("status = 'valid'")]
+        names += [r.host for r in app.store().valid()]
     if not names:
         raise InvalidInput("no host given (HOST..., --hosts-file, --inventory or --all)")
     out = []

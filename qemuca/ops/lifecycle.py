@@ -84,7 +84,7 @@ def _creds(authority, new, key_bytes=None, key_on_host=None) -> CredentialSet:
 def hosts_expiring(store: Store, days: int) -> List[str]:
     """Hosts whose current certificate ends within `days` days (expired ones included)."""
     limit = profile.utcnow() + dt.timedelta(days=days)
-    return [r.host for r in store.certificates("status = 'valid' AND not_after <= ?", (iso(limit),))]
+    return [r.host for r in store.expiring(limit)]
 
 
 # ---------------------------------------------------------------- CA rollover
@@ -121,7 +121,7 @@ def rollover_status(store: Store, authority) -> dict:
     deployed = store.deployed()
     bundles = store.deployed_bundles()
     hosts = []
-    for rec in store.certificates("status = 'valid'"):
+    for rec in store.valid():
         issuer = ("new" if state and rec.ca_fingerprint == authority.fingerprint else
                   "old" if authority.previous and rec.ca_fingerprint == authority.previous.fingerprint
                   else "current")

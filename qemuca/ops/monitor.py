@@ -22,7 +22,7 @@ from qemuca.findings import FAIL, PASS, WARN, Result, worst
 from qemuca.pki.ca import CertificateAuthority, Signer
 from qemuca.pki.certinfo import read_pem_blocks
 from qemuca.pki.profile import utcnow
-from qemuca.store.index import CertRecord, Store, iso, parse_iso
+from qemuca.store.index import STATUSES, CertRecord, Store, iso, parse_iso
 
 # The monitoring-plugin states are the results of qemuca's findings under their plugin
 # names; their order, and so the overall state, is worst()'s.
@@ -35,7 +35,6 @@ DEFAULT_CRIT_DAYS = 7
 # warn all the time. A CRL warns in its last week and is CRITICAL once overdue.
 DEFAULT_CRL_WARN_DAYS = 7
 MAX_DAYS = 36500
-STATUSES = ("valid", "revoked", "superseded")
 
 
 @dataclass(frozen=True)
@@ -224,7 +223,7 @@ def run_checks(store: Store, warn_days: int = DEFAULT_WARN_DAYS, crit_days: int 
     if rollover:
         checks.append(_rollover_check(authority, rollover, now, warn_days, crit_days))
 
-    current = store.certificates("status = 'valid'")
+    current = store.valid()
     for rec in current:
         checks.append(_certificate_check(rec, trusted_fps, now, warn_days, crit_days))
     if current:

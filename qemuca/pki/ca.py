@@ -237,6 +237,11 @@ class CertificateAuthority:
     def key(self):
         return self.current.key
 
+    def unlock(self) -> None:
+        """Open the signing key now (asking for the passphrase), so that a wrong one fails
+        before any host is touched or any worker thread starts."""
+        _ = self.key
+
     @property
     def key_type(self) -> str:
         return _key_type_name(self.cert.public_key())

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 from qemuca.errors import Conflict, NotFound, StoreError
 from qemuca.hosts.fs import LocalFS
@@ -88,6 +88,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
+STATUSES = ("valid", "revoked", "superseded")
 CERT_COLUMNS = ("serial, host, sans, not_before, not_after, fingerprint_sha256, status, replaces, "
                 "issued_at, ca_fingerprint, key_source, key_type, cert_pem, revoked_at, "
                 "revocation_reason")
@@ -460,24 +461,50 @@ class Store:
                 replaced.append(old)
         return replaced
 
-    def certificates(self, where: str = "1=1", args: Iterable = ()) -> List[CertRecord]:
-        rows = self.read(f"SELECT {CERT_COLUMNS} FROM certificates WHERE {where} "
+    def certificates(self, statuses: Optional[Sequence[str]] = None, host: Optional[str] = None,
+                     serial: Optional[str] = None, expiring_by: Optional[dt.datetime] = None
+                     ) -> List[CertRecord]:
+        """Index rows, oldest first per host; each argument narrows the selection
+        (expiring_by: not_after at or before that time)."""
+        where, args = [], []
+        if statuses is not None:
+            unknown = set(statuses) - set(STATUSES)
+            if unknown:
+                raise ValueError(f"unknown certificate status {sorted(unknown)}")
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args += list(statuses)
+        for column, value in (("host", host), ("serial", serial)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if expiring_by is not None:
+            where.append("not_after <= ?")
+            args.append(iso(expiring_by))
+        rows = self.read(f"SELECT {CERT_COLUMNS} FROM certificates WHERE {' AND '.join(where) or '1=1'} "
                          "ORDER BY host, issued_at, serial", args)
         return [CertRecord.from_row(r) for r in rows]
 
+    def valid(self) -> List[CertRecord]:
+        """Every host's current certificate."""
+        return self.certificates(("valid",))
+
+    def expiring(self, by: dt.datetime) -> List[CertRecord]:
+        """Current certificates that expire at or before `by` (expired ones included)."""
+        return self.certificates(("valid",), expiring_by=by)
+
     def valid_for_host(self, host: str) -> Optional[CertRecord]:
-        found = self.certificates("host = ? AND status = 'valid'", (host,))
+        found = self.certificates(("valid",), host=host)
         return found[0] if found else None
 
     def by_serial(self, serial: str) -> Optional[CertRecord]:
-        found = self.certificates("serial = ?", (serial.lower(),))
+        found = self.certificates(serial=serial.lower())
         return found[0] if found else None
 
     def find(self, host_or_serial: str) -> CertRecord:
         """The host's current certificate, else the certificate with that serial."""
         rec = self.valid_for_host(host_or_serial.lower()) or self.by_serial(_serial_key(host_or_serial))
         if rec is None:
-            latest = self.certificates("host = ?", (host_or_serial.lower(),))
+            latest = self.certificates(host=host_or_serial.lower())
             if latest:
                 return latest[-1]
             raise NotFound(f"no certificate for '{host_or_serial}' in the index")
@@ -548,7 +575,7 @@ class Store:
         self.fs.write_atomic(self.crl_path, pem, 0o644)
 
     def revoked(self) -> List[CertRecord]:
-        return self.certificates("status = 'revoked'")
+        return self.certificates(("revoked",))
 
     def next_crl_number(self, db: sqlite3.Connection) -> int:
         row = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()

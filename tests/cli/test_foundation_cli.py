@@ -62,7 +62,7 @@ def _errors_leave_store(home, cases, env=None):
     cases: [(args, exit_code, needle...)]."""
     before = snapshot_store(home)
     results = run_many(home, [c[0] for c in cases], env=env)
-    for (args, code, *needles), proc in zip(cases, results):
+    for (_args, code, *needles), proc in zip(cases, results):
         assert_error(proc, code, *needles)
     assert snapshot_store(home) == before
 
@@ -557,7 +557,7 @@ def test_missing_or_corrupt_ca_files(tmp_path):
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda e: run_qemuca(cases[e[0]], *e[1]), expectations))
-    for (name, args, code, needle), proc in zip(expectations, results):
+    for (_name, _args, code, needle), proc in zip(expectations, results):
         assert_error(proc, code, needle)
     assert {name: snapshot_store(home) for name, home in cases.items()} == before
     assert not (tmp_path / "out").exists()

@@ -127,7 +127,8 @@ def test_show_resolves_like_libvirt(tmp_path):
     assert "cert dir /nonexistent/pki (line 7)" in lines
     assert "verify clients yes (line 8)" in lines and "force TLS yes (line 3)" in lines
     assert "qemuca section lines 4-9" in lines
-    assert "warning: migrate_tls_x509_cert_dir /nonexistent/pki does not exist: libvirt refuses to start" in shown.stderr
+    assert ("warning: migrate_tls_x509_cert_dir /nonexistent/pki does not exist: libvirt refuses to start"
+            in shown.stderr)
 
 
 def _fifo(tmp_path):

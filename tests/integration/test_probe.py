@@ -359,7 +359,8 @@ def test_expired_certificate_either_side(world, tmp_path):
         assert f"qemuca issue --force {h2} && qemuca deploy {h2}" in f["fix"]
         assert finding(to_h2, "plain client refused")["result"] == "skip"
         f = finding(from_h2, "TLS migration")  # the source's QEMU refuses its client certificate
-        assert f["problem"] == "expired" and f"The client certificate {cert_dir}/client-cert.pem has expired" in f["detail"]
+        assert f["problem"] == "expired"
+        assert f"The client certificate {cert_dir}/client-cert.pem has expired" in f["detail"]
         assert finding(from_h2, "plain client refused")["result"] == "pass"
         # libvirt's cert dir (qemu.conf) is not the one probed: said so, as a warning.
         assert "libvirt uses /etc/pki/qemu, this probe used" in finding(to_h2, "destination qemu.conf")["detail"]

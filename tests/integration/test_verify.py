@@ -674,7 +674,7 @@ def test_pair_agrees_with_real_qemu_migrations(pair_env):
 def store_cert(home, host):
     store = Store.open(home)
     try:
-        return store.certificates("host = ?", (host,))[-1].cert_pem.encode()
+        return store.certificates(host=host)[-1].cert_pem.encode()
     finally:
         store.close()
 
@@ -682,7 +682,7 @@ def store_cert(home, host):
 def store_key(home, host):
     store = Store.open(home)
     try:
-        return store.key_pem(store.certificates("host = ?", (host,))[-1].serial).encode()
+        return store.key_pem(store.certificates(host=host)[-1].serial).encode()
     finally:
         store.close()
 

@@ -194,7 +194,7 @@ def test_an_encrypted_ca_key_is_checked_only_with_its_passphrase(tmp_path):
 def test_the_crl_against_the_index(home, tmp_path):
     store = Store(home)
     good = Path(store.crl_path).read_bytes()
-    c = Store.open(home).certificates("host = 'c.qemu.test'")[0].serial
+    c = Store.open(home).certificates(host="c.qemu.test")[0].serial
     b = Store.open(home).valid_for_host("b.qemu.test").serial
     auth = ca.CertificateAuthority(Store.open(home))
 

@@ -72,9 +72,9 @@ def test_an_encrypted_ca_key_needs_its_passphrase(tmp_path):
     assert open(store.ca_key_path, "rb").readline() == b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n"
     assert authority(home, SECRET).key is not None
     with pytest.raises(PassphraseError, match="wrong passphrase"):
-        authority(home, b"wrong").key
+        authority(home, b"wrong").unlock()
     with pytest.raises(PassphraseError, match="encrypted"):
-        ca.CertificateAuthority(store).key
+        ca.CertificateAuthority(store).unlock()
 
 
 def test_init_refuses_an_existing_ca_and_leaves_it(home):
@@ -155,7 +155,7 @@ def test_a_ca_key_that_does_not_match_is_refused(tmp_path, home):
     other = make_store(tmp_path, name="other")
     os.replace(os.path.join(other, "ca", "ca-key.pem"), os.path.join(home, "ca", "ca-key.pem"))
     with pytest.raises(StoreError, match="does not match"):
-        authority(home).key
+        authority(home).unlock()
 
 
 # ---------------------------------------------------------------- issue

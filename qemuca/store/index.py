@@ -12,22 +12,17 @@ so concurrent qemuca processes serialise on SQLite's own lock and never hand out
 serial twice (serial is the primary key) or lose a row. The audit table is
 append-only (triggers refuse UPDATE and DELETE).
 
-Files changed inside a transaction (the CA directories of a rollover, crl.pem) cannot
-commit with it. So such a transaction first writes a journal (.journal-<token>.json:
-which CA sits in ca/ and ca-previous/, the bytes of crl.pem) and records its token in
-the index. A process killed before COMMIT leaves a journal whose token the index does
-not hold: the next Store.open puts the files back as the journal says. A journal whose
-token the index holds belongs to a transaction that committed: it is just removed.
+Files a transaction changes outside SQLite (the CA directories of a rollover, crl.pem)
+are journaled first, so a killed process never leaves them out of step with the index:
+see qemuca.store.journal.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import getpass
 import json
 import os
-import secrets
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -36,10 +31,10 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 from qemuca.errors import Conflict, NotFound, StoreError
 from qemuca.hosts.fs import LocalFS
+from qemuca.store import journal
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
-JOURNAL_PREFIX = ".journal-"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -266,49 +261,36 @@ class Store:
             except sqlite3.DatabaseError as e:
                 self._abort(db)
                 raise StoreError(f"could not commit to the index: {e}") from None
-            journal, self._journal = self._journal, None
-            if journal:
-                _unlink(journal)
+            journal_path, self._journal = self._journal, None
+            if journal_path:
+                journal.unlink(journal_path)
 
     def _abort(self, db: sqlite3.Connection) -> None:
         """Roll back, files included; a journal that could not be applied stays for
         the next Store.open."""
-        journal, self._journal = self._journal, None
-        applied = journal is None
+        journal_path, self._journal = self._journal, None
+        applied = journal_path is None
         try:
-            if journal is not None:
-                self._restore(_read_journal(journal))
+            if journal_path is not None:
+                journal.restore(self, journal.read_note(journal_path))
                 applied = True
         finally:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            if journal is not None and applied:
-                _unlink(journal)
+            if journal_path is not None and applied:
+                journal.unlink(journal_path)
 
-    # -- crash safety
+    # -- crash safety (qemuca.store.journal)
     def journal(self, db: sqlite3.Connection) -> None:
         """Call inside a write transaction before moving a CA directory or replacing
         crl.pem: notes how they are now (once per transaction)."""
         if self._journal is not None:
             return
         self._resolve_journals(db)  # settle an older journal before the token changes
-        token = secrets.token_hex(8)
-        crl = _read_or_none(self.crl_path)
-        note = {"token": token, "index": self._index_id(db), "ca": ca_dir_fingerprint(self.ca_dir),
-                "previous": ca_dir_fingerprint(self.previous_ca_dir),
-                "crl": None if crl is None else base64.b64encode(crl).decode("ascii")}
-        path = os.path.join(self.home, f"{JOURNAL_PREFIX}{token}.json")
-        self.fs.write_atomic(path, json.dumps(note, sort_keys=True).encode(), 0o600)
-        self._journal = path
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('journal', ?)", (token,))
+        self._journal = journal.write(self, db)
 
     def journal_files(self) -> List[str]:
-        try:
-            names = os.listdir(self.home)
-        except OSError:
-            return []
-        return sorted(os.path.join(self.home, n) for n in names
-                      if n.startswith(JOURNAL_PREFIX) and n.endswith(".json"))
+        return journal.files(self.home)
 
     def recover(self) -> List[str]:
         """Settle what killed processes left: journals of transactions that never
@@ -318,84 +300,12 @@ class Store:
         with self.write() as db:  # waits for a transaction still in flight
             return self._resolve_journals(db)
 
-    @staticmethod
-    def _index_id(db: sqlite3.Connection) -> Optional[str]:
-        """Which index this is: the fingerprint init recorded (init --force makes a new one)."""
-        row = db.execute("SELECT value FROM meta WHERE key = 'ca_fingerprint'").fetchone()
-        return row[0] if row else None
-
     def _resolve_journals(self, db: sqlite3.Connection) -> List[str]:
-        row = db.execute("SELECT value FROM meta WHERE key = 'journal'").fetchone()
-        committed = row[0] if row else None
-        done: List[str] = []
-        for path in self.journal_files():
-            if path == self._journal:
-                continue
-            try:
-                note = _read_journal(path)
-            except (OSError, ValueError):
-                done.append(f"discarded unreadable journal {os.path.basename(path)}")
-            else:
-                if note.get("index") != self._index_id(db):
-                    # Left before `init --force` set that index aside: not ours to undo.
-                    done.append(f"discarded {os.path.basename(path)} of a retired index")
-                elif note.get("token") != committed:
-                    done += self._restore(note)
-            _unlink(path)
+        done = journal.settle(self, db, self._journal)
         if done:
             self.audit(db, "recover", None, undone=done)
             self.recovered += done
         return done
-
-    def _restore(self, note: dict) -> List[str]:
-        """Put crl.pem and the CA directories back as the journal found them."""
-        done: List[str] = []
-        crl = None if note.get("crl") is None else base64.b64decode(note["crl"])
-        if _read_or_none(self.crl_path) != crl:
-            if crl is None:
-                _unlink(self.crl_path)
-            else:
-                self.fs.write_atomic(self.crl_path, crl, 0o644)
-            done.append("crl.pem put back as the last committed CRL")
-        slots = [(self.ca_dir, note.get("ca")), (self.previous_ca_dir, note.get("previous"))]
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        for path, want in slots:
-            have = ca_dir_fingerprint(path)
-            if have is None or have == want:
-                continue
-            target = next((p for p, w in slots if w == have and not os.path.lexists(p)), None)
-            if target is not None:  # where the journal says it belongs (ca-previous/ -> ca/)
-                self.fs.rename(path, target)
-                done.append(f"{os.path.basename(path)}/ (CA {have[:16]}) moved back to "
-                            f"{os.path.basename(target)}/")
-                continue
-            # Never deleted: a CA key is kept, as init --force and rollover finish do.
-            aside = os.path.join(self.home, "retired", f"{stamp}-undone-{os.path.basename(path)}")
-            os.makedirs(os.path.dirname(aside), mode=0o700, exist_ok=True)
-            self.fs.rename(path, aside)
-            done.append(f"{os.path.basename(path)}/ (CA {have[:16]}) set aside in "
-                        f"{os.path.relpath(aside, self.home)}")
-        for path, want in slots:
-            if want and not os.path.lexists(path):
-                source = self._find_ca_dir(want)
-                if source is None:
-                    done.append(f"CA {want[:16]} for {os.path.basename(path)}/ not found")
-                    continue
-                self.fs.rename(source, path)
-                done.append(f"{os.path.basename(path)}/ (CA {want[:16]}) moved back from "
-                            f"{os.path.relpath(source, self.home)}")
-        return done
-
-    def _find_ca_dir(self, fp: str) -> Optional[str]:
-        """Where a CA with this fingerprint is now: a staging dir, ca-previous/, retired/."""
-        places = [os.path.join(self.home, n) for n in sorted(os.listdir(self.home))
-                  if n.startswith(".ca-new-")]
-        places.append(self.previous_ca_dir)
-        retired = os.path.join(self.home, "retired")
-        if os.path.isdir(retired):
-            for n in sorted(os.listdir(retired), reverse=True):
-                places += [os.path.join(retired, n), os.path.join(retired, n, "ca")]
-        return next((p for p in places if ca_dir_fingerprint(p) == fp), None)
 
     def read(self, sql: str, args: Iterable = ()) -> list:
         with self._lock:
@@ -606,36 +516,3 @@ def _statements(script: str) -> List[str]:
             out.append(text)
             buf = []
     return out
-
-
-def ca_dir_fingerprint(path: str) -> Optional[str]:
-    """SHA-256 fingerprint of DIR/ca-cert.pem; None when there is no readable CA there."""
-    from cryptography import x509
-
-    from qemuca.pki.checks import fingerprint
-
-    try:
-        with open(os.path.join(path, "ca-cert.pem"), "rb") as f:
-            return fingerprint(x509.load_pem_x509_certificate(f.read()))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_or_none(path: str) -> Optional[bytes]:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-def _read_journal(path: str) -> dict:
-    with open(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

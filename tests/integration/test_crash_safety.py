@@ -35,7 +35,8 @@ from cryptography import x509
 
 from qemuca.ops import lifecycle
 from qemuca.pki import ca
-from qemuca.store.index import Store, ca_dir_fingerprint
+from qemuca.store.index import Store
+from qemuca.store.journal import ca_dir_fingerprint
 from tests.support.pki import QEMUCA, clean_env, make_store, revoke, run_qemuca
 from tests.support.tools import require_tool
 

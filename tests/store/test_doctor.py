@@ -23,7 +23,8 @@ from qemuca.errors import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_PASSPHRASE, NotFound
 from qemuca.ops import lifecycle
 from qemuca.pki import ca, profile
 from qemuca.store import doctor
-from qemuca.store.index import Store, ca_dir_fingerprint
+from qemuca.store.index import Store
+from qemuca.store.journal import ca_dir_fingerprint
 from tests.support.pki import audit_actions, issue, make_store, revoke, run_qemuca, snapshot_store, write_secret
 
 SECRET = b"correct horse battery staple"
@@ -384,16 +385,16 @@ def die_at_commit():
 
 def die_after_commit():
     """In this (child) process, die after COMMIT, when the journal is about to be removed."""
-    import qemuca.store.index as store_module
+    from qemuca.store import journal
 
-    real = store_module._unlink
+    real = journal.unlink
 
     def unlink(path):
         if os.path.basename(path).startswith(".journal-") and path.endswith(".json"):
             os.kill(os.getpid(), signal.SIGKILL)
         real(path)
 
-    store_module._unlink = unlink
+    journal.unlink = unlink
 
 
 def rollover(store):

@@ -39,7 +39,7 @@ def ssh_options(func):
                 command_timeout, **kw):
         import logging
 
-        from qemuca.hosts.ssh import DEFAULT_COMMAND_TIMEOUT, SshOptions
+        from qemuca.hosts.ssh_config import DEFAULT_COMMAND_TIMEOUT, SshOptions
 
         # paramiko logs a traceback from its own thread when a connection dies during the
         # handshake (a hung host's banner timeout); qemuca reports that host in one line.
@@ -110,8 +110,9 @@ def select_hosts(app, selection):
 def connector(app, options):
     """host -> Connection, with ssh_config read once and an inventory's addresses applied."""
     from qemuca.hosts import ssh
+    from qemuca.hosts.ssh_config import load_ssh_config
 
-    config = ssh.load_ssh_config(options.ssh_config)
+    config = load_ssh_config(options.ssh_config)
 
     def connect(host):
         entry = app.addresses.get(host)

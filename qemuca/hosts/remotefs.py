@@ -27,6 +27,7 @@ from paramiko.sftp import (
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
     CMD_HANDLE,
+    CMD_OPEN,
     SFTP_FLAG_CREATE,
     SFTP_FLAG_EXCL,
     SFTP_FLAG_WRITE,
@@ -41,6 +42,25 @@ from qemuca.hosts.ssh import Connection
 # Operations that write: an errno-less SFTP failure of one of these is diagnosed with statvfs.
 _WRITES = frozenset({"write", "mkdir", "symlink", "rename", "remove", "rmtree", "chown", "chmod"})
 _ST_RDONLY = 0x1  # statvfs@openssh.com flag
+
+
+# paramiko has no public API for OpenSSH's SFTP extensions (statvfs@, fsync@, lsetstat@)
+# nor for an O_EXCL open that sets the mode at creation: these two functions are the only
+# places that use its private request call, so the rest of this module is plain SFTP.
+def _extended(sftp: paramiko.SFTPClient, name: str, *args):
+    """Send the extension request `name`; returns (reply type, message)."""
+    return sftp._request(CMD_EXTENDED, name, *args)
+
+
+def _open_exclusive(sftp: paramiko.SFTPClient, path: str, mode: int) -> SFTPFile:
+    """Create `path` for writing, failing if it exists, with `mode` from the first byte."""
+    attrs = SFTPAttributes()
+    attrs.st_mode = mode
+    t, msg = sftp._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
+    if t != CMD_HANDLE:
+        raise paramiko.SFTPError("expected a handle")
+    # Unbuffered: a failed write is not sent again by close() (or by __del__).
+    return SFTPFile(sftp, msg.get_binary(), "wb", bufsize=0)
 
 
 def _unsupported(exc: OSError) -> bool:
@@ -97,7 +117,7 @@ class RemoteFS(FS):
         """ENOSPC or EROFS when the host's statvfs shows why a write failed, else None."""
         for candidate in (path, posixpath.dirname(path.rstrip("/")) or "/"):
             try:
-                t, msg = self.sftp._request(CMD_EXTENDED, "statvfs@openssh.com", candidate)
+                t, msg = _extended(self.sftp, "statvfs@openssh.com", candidate)
             except (OSError, paramiko.SSHException, EOFError):
                 continue  # e.g. the path does not exist: try its directory
             if t != CMD_EXTENDED_REPLY:
@@ -126,15 +146,9 @@ class RemoteFS(FS):
             sftp = self.sftp
             # Opened O_EXCL with at most 0600 (no-one else can read it), owner and final
             # mode set on the handle before the first byte, then renamed over the target.
-            attrs = SFTPAttributes()
-            attrs.st_mode = mode & 0o600
-            t, msg = sftp._request(paramiko.sftp.CMD_OPEN, tmp,
-                                   SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
-            if t != CMD_HANDLE:
-                raise paramiko.SFTPError("expected a handle")
+            f = _open_exclusive(sftp, tmp, mode & 0o600)
             try:
-                # Unbuffered: a failed write is not sent again by close() (or by __del__).
-                with SFTPFile(sftp, msg.get_binary(), "wb", bufsize=0) as f:
+                with f:
                     with self._op("write", path, len(data)):  # a timeout hangs up before close()
                         if uid is not None or gid is not None:
                             st = f.stat() if uid is None or gid is None else None
@@ -154,7 +168,7 @@ class RemoteFS(FS):
     def _sync(self, f: SFTPFile) -> None:
         if self._fsync:
             try:
-                self.sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
+                _extended(self.sftp, "fsync@openssh.com", f.handle)
             except OSError as e:
                 if not _unsupported(e):
                     raise
@@ -248,7 +262,7 @@ class RemoteFS(FS):
         attrs.st_uid, attrs.st_gid = uid, gid
         with self._op("chown", path):
             try:
-                self.sftp._request(CMD_EXTENDED, "lsetstat@openssh.com", path, attrs)
+                _extended(self.sftp, "lsetstat@openssh.com", path, attrs)
             except OSError as e:
                 if not _unsupported(e):
                     raise

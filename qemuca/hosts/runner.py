@@ -11,7 +11,8 @@ import subprocess
 from typing import Optional, Sequence
 
 from qemuca.errors import RemoteError
-from qemuca.hosts.ssh import DEFAULT_COMMAND_TIMEOUT, RunResult, command, command_line
+from qemuca.hosts.ssh import RunResult, command, command_line
+from qemuca.hosts.ssh_config import DEFAULT_COMMAND_TIMEOUT
 
 
 class LocalRunner:

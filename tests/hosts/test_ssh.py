@@ -21,23 +21,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qemuca.errors import EXIT_HOST_KEY, HostKeyError, InvalidInput
-from qemuca.hosts.ssh import (
-    COMMANDS,
-    PROGRAMS,
-    HostTarget,
+from qemuca.hosts.known_hosts import (
     KnownHost,
-    SshOptions,
     check_host_key,
-    command,
-    command_line,
     fingerprint,
     host_key_status,
     known_hosts_line,
-    load_ssh_config,
-    parse_jump,
     read_known_hosts,
-    resolve,
 )
+from qemuca.hosts.ssh import COMMANDS, PROGRAMS, command, command_line
+from qemuca.hosts.ssh_config import HostTarget, SshOptions, load_ssh_config, parse_jump, resolve
 from tests.support.tools import require_tool
 
 HOSTILE = ["a b", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "; rm -rf /", "x\ny",
@@ -350,3 +343,19 @@ def test_templates_fill_one_item_per_value():
         command("getent_group")
     with pytest.raises(InvalidInput):
         command("no_such_template")
+
+
+def test_an_include_or_known_hosts_that_is_no_regular_file_is_refused_at_once(tmp_path):
+    """A FIFO would block forever and /dev/zero would never end: both are refused."""
+    from qemuca.hosts.known_hosts import read_known_hosts
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in (fifo, "/dev/zero"):
+        config = tmp_path / "config"
+        config.write_text(f"Host *\n    Include {target}\n")
+        with pytest.raises(InvalidInput, match="not a regular file"):
+            load_ssh_config(str(config))
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        read_known_hosts(str(fifo))
+    assert read_known_hosts("/dev/null") == []

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qemuca.hosts import qemuconf
-from qemuca.hosts.ssh import fingerprint as ssh_fingerprint
+from qemuca.hosts.known_hosts import fingerprint as ssh_fingerprint
 from qemuca.pki.ca import CertificateAuthority, fingerprint
 from qemuca.store.index import Store
 from tests.support.augeas import lens_read, virconf_read

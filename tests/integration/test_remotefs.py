@@ -10,7 +10,8 @@ import pytest
 
 from qemuca.errors import RemoteError
 from qemuca.hosts.remotefs import RemoteFS
-from qemuca.hosts.ssh import SshOptions, connect
+from qemuca.hosts.ssh import connect
+from qemuca.hosts.ssh_config import SshOptions
 from tests.support.fakehosts import SFTP_SERVER
 from tests.support.fixtures import fleet_factory  # noqa: F401  (also works without conftest)
 

@@ -10,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from qemuca.errors import EXIT_HOST_KEY, EXIT_REMOTE, HostKeyError, InvalidInput, RemoteError
+from qemuca.hosts.known_hosts import fingerprint
 from qemuca.hosts.remotefs import RemoteFS
-from qemuca.hosts.ssh import SshOptions, command_line, connect, fingerprint
+from qemuca.hosts.ssh import command_line, connect
+from qemuca.hosts.ssh_config import SshOptions
 from tests.support.fixtures import fleet3, fleet_factory  # noqa: F401  (also works without conftest)
 from tests.support.tools import require_tool
 

@@ -29,7 +29,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from qemuca.hosts import install
 from qemuca.hosts.fs import LocalFS
 from qemuca.hosts.layout import CredentialSet, host_modes
-from qemuca.hosts.ssh import SshOptions, connect
+from qemuca.hosts.ssh import connect
+from qemuca.hosts.ssh_config import SshOptions
 from qemuca.ops import verify
 from qemuca.ops.verify import report as verify_report
 from qemuca.ops.verify.handshake import handshake

@@ -130,10 +130,15 @@ def _traceback_if_debug() -> None:
 def main(argv=None):
     from qemuca import errors
 
-    if not sys.warnoptions:  # library warnings (a parsed certificate's oddities) are not errors
+    if not sys.warnoptions:
         import warnings
 
-        warnings.simplefilter("ignore")
+        from cryptography.utils import CryptographyDeprecationWarning
+
+        # cryptography warns about oddities of the certificates and keys it parses (a
+        # negative serial, a non-canonical encoding) and about ciphers paramiko still
+        # offers: the checks report what matters, and one-line output stays one line.
+        warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning)
     try:
         rv = cli.main(args=argv, prog_name="qemuca", standalone_mode=False)
     except errors.QemucaError as e:

@@ -12,6 +12,7 @@ from qemuca.cli.options import (
     days_option,
     hosts_file_option,
     hosts_from,
+    key_type_option,
     passphrase_file_option,
     passphrase_source,
     read_passphrase,
@@ -48,10 +49,8 @@ def _write_out(out, data: bytes):
 @click.command("init")
 @click.option("--cn", "common_name", help="CA common name [default: 'QEMU CA <this host's FQDN>'].")
 @click.option("--org", "organization", help="Organisation (O) of the CA subject.")
-@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_CA_KEY_TYPE,
-              show_default=True)
-@click.option("--days", type=click.IntRange(1, 36500), default=3650, show_default=True,
-              help="Validity of the CA in days.")
+@key_type_option("Type of the CA key.", default=profile.DEFAULT_CA_KEY_TYPE)
+@days_option("Validity of the CA in days.", default=profile.DEFAULT_CA_DAYS)
 @passphrase_file_option
 @click.option("--no-passphrase", is_flag=True,
               help="Store the CA key unencrypted (protected by file mode 0600 only).")
@@ -178,9 +177,8 @@ def _render_issued(issued, as_json):
 @hosts_file_option
 @click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
               help="Extra subjectAltName for every host issued (DNS name or IP; repeatable).")
-@days_option
-@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_HOST_KEY_TYPE,
-              show_default=True, help="Type of the host key generated here.")
+@days_option()
+@key_type_option("Type of the host key generated here.")
 @click.option("--force", is_flag=True, help="Replace a host's valid certificate (it becomes superseded).")
 @passphrase_file_option
 @json_option
@@ -204,7 +202,7 @@ def issue_cmd(app, hosts, hosts_file, sans, days, key_type, force, passphrase_fi
 @click.option("--host", help="Host name to certify [default: the CSR's CN].")
 @click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
               help="Extra subjectAltName (DNS name or IP; repeatable).")
-@days_option
+@days_option()
 @click.option("--force", is_flag=True, help="Replace the host's valid certificate.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the certificate to FILE.")
 @passphrase_file_option
@@ -264,8 +262,7 @@ def revoke_cmd(app, host_or_serial, reason, crl_days, passphrase_file, as_json):
 
 @click.command("crl")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the CRL to FILE.")
-@click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True,
-              help="Days until the CRL's next update.")
+@days_option("Days until the CRL's next update.", default=30, maximum=3650)
 @passphrase_file_option
 @json_option
 @click.pass_obj

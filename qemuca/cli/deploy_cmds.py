@@ -7,7 +7,15 @@ import functools
 
 import click
 
-from qemuca.cli.options import passphrase_file_option, passphrase_source
+from qemuca.cli.options import (
+    cert_dir_option,
+    days_option,
+    group_option,
+    key_type_option,
+    passphrase_file_option,
+    passphrase_source,
+    qemu_conf_option,
+)
 from qemuca.cli.output import json_option
 from qemuca.cli.remote import (
     connector,
@@ -18,20 +26,17 @@ from qemuca.cli.remote import (
     select_hosts,
     ssh_options,
 )
-from qemuca.ops.deploy import DEFAULT_CERT_DIR, DEFAULT_QEMU_CONF
 from qemuca.pki import profile
 
 
 def host_layout_options(func):
     """The options saying how credentials land on a host; the command gets `opts`."""
     options = [
-        click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True,
-                     help="Where QEMU reads its credentials on the hosts (created 0755)."),
-        click.option("--group", help="Group owning the files [default: qemu.conf's 'group', "
-                                     "else whichever of qemu / libvirt-qemu exists on the host]."),
+        cert_dir_option("Where QEMU reads its credentials on the hosts (created 0755)."),
+        group_option("Group owning the files [default: qemu.conf's 'group', else whichever of "
+                     "qemu / libvirt-qemu exists on the host]."),
         click.option("--no-qemu-conf", is_flag=True, help="Leave qemu.conf alone."),
-        click.option("--qemu-conf", "qemu_conf_path", default=DEFAULT_QEMU_CONF, show_default=True,
-                     help="libvirt's QEMU driver configuration on the hosts."),
+        qemu_conf_option(),
         click.option("--force-tls/--no-force-tls", default=None,
                      help="Set migrate_tls_force = 1 (libvirt >= 6.9 then REFUSES every "
                           "unencrypted migration) or 0 [default: leave it]."),
@@ -66,8 +71,7 @@ def host_layout_options(func):
 @host_layout_options
 @click.option("--issue", "issue_missing", is_flag=True,
               help="Issue a certificate (key made here) for hosts that have none.")
-@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_HOST_KEY_TYPE,
-              show_default=True, help="Key type for --issue.")
+@key_type_option("Key type for --issue.")
 @click.option("--crl-only", is_flag=True,
               help="Only renew ca-crl.pem on the hosts (revocation rollout); certificates stay.")
 @click.option("--bundle-only", is_flag=True,
@@ -127,12 +131,10 @@ def deploy_cmd(app, selection, ssh, opts, issue_missing, key_type, crl_only, bun
 @host_selection
 @ssh_options
 @host_layout_options
-@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_HOST_KEY_TYPE,
-              show_default=True, help="Type of the key made on the host.")
+@key_type_option("Type of the key made on the host.")
 @click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
               help="Extra subjectAltName for every host (DNS name or IP; repeatable).")
-@click.option("--days", type=click.IntRange(1, 36500), default=profile.DEFAULT_HOST_DAYS,
-              show_default=True, help="Validity in days (never past the CA's own).")
+@days_option("Validity in days (never past the CA's own).", default=profile.DEFAULT_HOST_DAYS)
 @click.option("--replace", "replace_valid", is_flag=True,
               help="Enroll hosts that already have a valid certificate (it becomes superseded).")
 @parallel_option
@@ -173,7 +175,7 @@ def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, p
 @click.command("rollback")
 @host_selection
 @ssh_options
-@click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True)
+@cert_dir_option()
 @parallel_option
 @json_option
 @click.pass_obj

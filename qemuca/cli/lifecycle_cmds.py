@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from qemuca.cli.deploy_cmds import host_layout_options
-from qemuca.cli.options import passphrase_file_option, passphrase_source
+from qemuca.cli.options import (
+    cert_dir_option,
+    days_option,
+    group_option,
+    key_type_option,
+    passphrase_file_option,
+    passphrase_source,
+)
 from qemuca.cli.output import emit_json, json_option, note, print_table
 from qemuca.cli.remote import (
     connector,
@@ -28,10 +35,8 @@ def _lifecycle_command(name, verb, doc):
                   help="Also take every host whose certificate ends within DAYS days.")
     @ssh_options
     @host_layout_options
-    @click.option("--days", type=click.IntRange(1, 36500), default=profile.DEFAULT_HOST_DAYS,
-                  show_default=True, help="Validity of the new certificates (never past the CA).")
-    @click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=None,
-                  help="rekey only: type of the new keys [default: the old key's type].")
+    @days_option("Validity of the new certificates (never past the CA).", default=profile.DEFAULT_HOST_DAYS)
+    @key_type_option("rekey only: type of the new keys [default: the old key's type].", default=None)
     @parallel_option
     @passphrase_file_option
     @json_option
@@ -130,9 +135,8 @@ def rollover_group():
 @rollover_group.command("start")
 @click.option("--cn", "common_name", help="New CA common name [default: 'QEMU CA <FQDN> <year>'].")
 @click.option("--org", "organization", help="Organisation (O) of the new CA.")
-@click.option("--key-type", type=click.Choice(profile.KEY_TYPES), default=profile.DEFAULT_CA_KEY_TYPE,
-              show_default=True)
-@click.option("--days", type=click.IntRange(1, 36500), default=profile.DEFAULT_CA_DAYS, show_default=True)
+@key_type_option("Type of the new CA key.", default=profile.DEFAULT_CA_KEY_TYPE)
+@days_option("Validity of the new CA in days.", default=profile.DEFAULT_CA_DAYS)
 @passphrase_file_option
 @json_option
 @click.pass_obj
@@ -171,8 +175,8 @@ def rollover_start_cmd(app, common_name, organization, key_type, days, passphras
 
 @rollover_group.command("finish")
 @ssh_options
-@click.option("--cert-dir", default="/etc/pki/qemu", show_default=True)
-@click.option("--group", help="Group owning the files (as deploy).")
+@cert_dir_option()
+@group_option("Group owning the files (as deploy).")
 @parallel_option
 @passphrase_file_option
 @json_option

@@ -6,6 +6,10 @@ import sys
 
 import click
 
+from qemuca.hosts.layout import DEFAULT_CERT_DIR
+from qemuca.hosts.qemuconf import DEFAULT_PATH as DEFAULT_QEMU_CONF
+from qemuca.pki.profile import DEFAULT_HOST_KEY_TYPE, KEY_TYPES
+
 passphrase_file_option = click.option(
     "--passphrase-file",
     envvar="QEMUCA_PASSPHRASE_FILE",
@@ -62,5 +66,29 @@ hosts_file_option = click.option(
     "--hosts-file", type=click.Path(dir_okay=False),
     help="Read host names from FILE, one per line (# starts a comment).")
 
-days_option = click.option("--days", type=click.IntRange(1, 36500), default=None,
-                           help="Validity in days [default: 730, never past the CA's own].")
+
+# Options that several commands take, each declared once; only the help (what the value
+# means for that command) and, where it differs, the default are given per command.
+
+def cert_dir_option(help: str = "Where QEMU reads its credentials on the hosts."):
+    return click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True, help=help)
+
+
+def qemu_conf_option(help: str = "libvirt's QEMU driver configuration on the hosts."):
+    return click.option("--qemu-conf", "qemu_conf_path", default=DEFAULT_QEMU_CONF, show_default=True,
+                        help=help)
+
+
+def group_option(help: str = "Group owning the files [default: the group QEMU runs as on the host].",):
+    return click.option("--group", help=help)
+
+
+def key_type_option(help: str, default=DEFAULT_HOST_KEY_TYPE):
+    return click.option("--key-type", type=click.Choice(KEY_TYPES), default=default,
+                        show_default=default is not None, help=help)
+
+
+def days_option(help: str = "Validity in days [default: 730, never past the CA's own].", default=None,
+                maximum: int = 36500):
+    return click.option("--days", type=click.IntRange(1, maximum), default=default,
+                        show_default=default is not None, help=help)

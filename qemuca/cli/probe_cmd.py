@@ -7,10 +7,9 @@ import threading
 
 import click
 
+from qemuca.cli.options import cert_dir_option, qemu_conf_option
 from qemuca.cli.output import RESULT_STYLE, emit_json, json_option, note, print_checks
 from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
-from qemuca.hosts.layout import DEFAULT_CERT_DIR
-from qemuca.hosts.qemuconf import DEFAULT_PATH as DEFAULT_QEMU_CONF
 from qemuca.ops.probe.report import DEFAULT_RAM_MIB
 
 
@@ -34,10 +33,8 @@ from qemuca.ops.probe.report import DEFAULT_RAM_MIB
               help="Guest RAM in MiB (filled with data, so the throughput means something).")
 @click.option("--compare-plain", is_flag=True,
               help="Also migrate the same guest without TLS and report the throughput ratio TLS / plain.")
-@click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True,
-              help="Where the hosts keep their QEMU credentials.")
-@click.option("--qemu-conf", "qemu_conf_path", default=DEFAULT_QEMU_CONF, show_default=True,
-              help="libvirt's QEMU driver configuration on the destination (reported, not changed).")
+@cert_dir_option("Where the hosts keep their QEMU credentials.")
+@qemu_conf_option("libvirt's QEMU driver configuration on the destination (reported, not changed).")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1), as with verify and doctor.")
 @parallel_option
 @json_option
@@ -85,7 +82,7 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
                               timeout=ssh.command_timeout)
     opts.validate()
     if pairs_file:
-        if any(selection[:4]) or selection[4]:
+        if not selection.empty:
             raise click.UsageError("--pairs FILE takes no other hosts")
         pairs = probe.read_pairs(pairs_file)
     elif matrix:
@@ -94,11 +91,11 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
             raise InvalidInput("--matrix needs at least two hosts")
         pairs = probe.all_pairs(hosts)
     else:
-        if any(selection[1:4]) or selection[4] or len(selection[0]) != 2:
+        if selection.lists or len(selection.hosts) != 2:
             raise click.UsageError("give SRC DST (or --matrix HOST..., or --pairs FILE)")
         from qemuca.names import host_name
 
-        src, dst = (host_name(h) for h in selection[0])
+        src, dst = (host_name(h) for h in selection.hosts)
         if src == dst:
             raise InvalidInput(f"SRC and DST are the same host ({src})")
         pairs = [(src, dst)]

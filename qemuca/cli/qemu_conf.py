@@ -6,6 +6,7 @@ import os
 
 import click
 
+from qemuca.cli.options import cert_dir_option
 from qemuca.cli.output import emit_json, json_option, note, print_fields
 from qemuca.hosts import qemuconf
 
@@ -58,8 +59,7 @@ def _report(edit: qemuconf.FileEdit, dry_run: bool, as_json: bool, **extra) -> N
 
 @qemu_conf_group.command("apply")
 @file_option
-@click.option("--cert-dir", default=qemuconf.DEFAULT_CERT_DIR, show_default=True,
-              help="Directory holding QEMU's TLS files (migrate_tls_x509_cert_dir).")
+@cert_dir_option("Directory holding QEMU's TLS files (migrate_tls_x509_cert_dir).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="migrate_tls_x509_verify: the destination checks the source's client "
                    "certificate. --no-verify is insecure.")

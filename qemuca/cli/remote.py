@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import click
 
@@ -73,19 +75,40 @@ def host_selection(func):
 
     @functools.wraps(func)
     def wrapper(*args, hosts, hosts_file, inventory, limit, all_hosts, **kw):
-        kw["selection"] = (tuple(hosts), hosts_file, inventory, limit, all_hosts)
+        kw["selection"] = HostSelection(tuple(hosts), hosts_file, inventory, limit, all_hosts)
         return func(*args, **kw)
 
     return wrapper
 
 
-def select_hosts(app, selection):
+@dataclass(frozen=True)
+class HostSelection:
+    """The hosts a command was asked for, as given (select_hosts resolves them)."""
+
+    hosts: Tuple[str, ...] = ()
+    hosts_file: Optional[str] = None
+    inventory: Optional[str] = None
+    limit: Optional[str] = None
+    all_hosts: bool = False
+
+    @property
+    def lists(self) -> bool:
+        """Whether hosts come from a file, an inventory or the index (not only arguments)."""
+        return bool(self.hosts_file or self.inventory or self.limit or self.all_hosts)
+
+    @property
+    def empty(self) -> bool:
+        return not self.hosts and not self.lists
+
+
+def select_hosts(app, selection: HostSelection):
     """The host names a command works on, normalised, de-duplicated, in order."""
     from qemuca.errors import InvalidInput
     from qemuca.hosts.inventory import read_hosts_file, read_inventory
     from qemuca.names import host_name
 
-    hosts, hosts_file, inventory, limit, all_hosts = selection
+    hosts, hosts_file, inventory, limit, all_hosts = (selection.hosts, selection.hosts_file, selection.inventory,
+                                                      selection.limit, selection.all_hosts)
     names = list(hosts)
     if hosts_file:
         names += read_hosts_file(hosts_file)

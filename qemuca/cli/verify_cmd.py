@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
+from qemuca.cli.options import cert_dir_option, group_option, qemu_conf_option
 from qemuca.cli.output import emit_json, json_option, print_checks
 from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
-from qemuca.hosts.layout import DEFAULT_CERT_DIR
-from qemuca.hosts.qemuconf import DEFAULT_PATH as DEFAULT_QEMU_CONF
 from qemuca.ops.verify.report import DEFAULT_PORT, DEFAULT_WARN_DAYS
 
 
@@ -28,12 +27,10 @@ from qemuca.ops.verify.report import DEFAULT_PORT, DEFAULT_WARN_DAYS
                    "also the address s_server binds, a name binds every address.")
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
               help="With --handshake: the temporary TCP port on DST.")
-@click.option("--cert-dir", default=DEFAULT_CERT_DIR, show_default=True,
-              help="Where QEMU reads its credentials on the host(s).")
-@click.option("--qemu-conf", "qemu_conf_path", default=DEFAULT_QEMU_CONF, show_default=True,
-              help="libvirt's QEMU driver configuration on the host(s).")
-@click.option("--group", help="Group that must own the files [default: as deploy: qemu.conf's "
-                              "'group', else qemu / libvirt-qemu].")
+@cert_dir_option("Where QEMU reads its credentials on the host(s).")
+@qemu_conf_option("libvirt's QEMU driver configuration on the host(s).")
+@group_option("Group that must own the files [default: as deploy: qemu.conf's 'group', else "
+              "qemu / libvirt-qemu].")
 @click.option("--hostname", metavar="NAME",
               help="With --local: the name that must be in the SANs [default: hostname -f].")
 @click.option("--warn-days", type=click.IntRange(0, 36500), default=DEFAULT_WARN_DAYS,
@@ -62,9 +59,9 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
     """
     from qemuca.ops import verify
 
-    if local and (pair or any(selection[:4]) or selection[4]):
+    if local and (pair or not selection.empty):
         raise click.UsageError("--local checks this machine: give no HOST, --pair or host list")
-    if pair and (any(selection[:4]) or selection[4]):
+    if pair and not selection.empty:
         raise click.UsageError("--pair SRC DST takes no other hosts")
     if not pair and (tls_destination or handshake or address):
         raise click.UsageError("--tls-destination, --handshake and --address go with --pair")

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import paramiko
 
-from qemuca.errors import HostKeyError, RemoteError
+from qemuca.errors import HostKeyError, InvalidInput, RemoteError
 from qemuca.hosts.fs import LocalFS, make_dirs, read_user_file
 from qemuca.hosts.ssh_config import HostTarget
 

@@ -18,21 +18,18 @@ from typing import Callable, List, Optional
 from cryptography import x509
 
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
-from qemuca.hosts import install, qemuconf
+from qemuca.hosts import install, layout, qemuconf
 from qemuca.hosts.hostinfo import DAEMONS, resolve_group
 from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
 from qemuca.pki.checks import fingerprint, issued_by, key_matches
 
-DEFAULT_CERT_DIR = "/etc/pki/qemu"
-DEFAULT_QEMU_CONF = "/etc/libvirt/qemu.conf"
-
 
 @dataclass(frozen=True)
 class DeployOptions:
-    cert_dir: str = DEFAULT_CERT_DIR
+    cert_dir: str = layout.DEFAULT_CERT_DIR
     group: Optional[str] = None  # None: qemu.conf's group, else qemu / libvirt-qemu
     qemu_conf: bool = True
-    qemu_conf_path: str = DEFAULT_QEMU_CONF
+    qemu_conf_path: str = qemuconf.DEFAULT_PATH
     force_tls: Optional[bool] = None
     default_dir: bool = False
     restart: bool = False

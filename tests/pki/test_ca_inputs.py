@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from qemuca.errors import EXIT_INVALID_INPUT
-from tests.support.pki import QEMUCA, assert_error, assert_ok, clean_env, issue, make_store, run_qemuca
+from tests.support.pki import QEMUCA, assert_error, assert_ok, clean_env, issue, make_store, run_qemuca, snapshot_store
 
 
 def run_with_umask(umask: int, home, *args) -> subprocess.CompletedProcess:
@@ -67,9 +67,9 @@ def test_sign_refuses_a_pem_with_several_csrs(tmp_path):
     issue(home, "hv0.example.org")
     two = tmp_path / "two.csr"
     two.write_bytes(_csr("hv1.example.org") + _csr("hv2.example.org"))
-    before = run_qemuca(home, "list", "--json").stdout
+    before = snapshot_store(home)
     assert_error(run_qemuca(home, "sign", two), EXIT_INVALID_INPUT, "2 certificate signing requests")
-    assert run_qemuca(home, "list", "--json").stdout == before
+    assert snapshot_store(home) == before
     one = tmp_path / "one.csr"
     one.write_bytes(_csr("hv1.example.org"))
     assert_ok(run_qemuca(home, "sign", one))

@@ -359,6 +359,26 @@ class Resolved:
         return {"value": self.value, "source": self.source, "line": self.line}
 
 
+class ConfWarning(str):
+    """Something libvirt will do with this file that the admin should know: the text,
+    with a `code` saying which for programs (verify decides its severity by the code,
+    never by the words)."""
+
+    code: str
+
+    def __new__(cls, code: str, text: str) -> ConfWarning:
+        warning = super().__new__(cls, text)
+        warning.code = code
+        return warning
+
+
+# Warning codes
+CERT_DIR_MISSING = "cert-dir-missing"  # an explicitly set cert dir: libvirt refuses to start
+DEFAULT_CERT_DIR_MISSING = "default-cert-dir-missing"  # the built-in one: TLS migrations fail
+VERIFY_OFF = "verify-off"
+MARKERS = "markers"  # qemuca's section markers are damaged
+
+
 @dataclass(frozen=True)
 class MigrationTls:
     """The migration TLS settings as libvirt resolves them (virQEMUDriverConfigSetDefaults)."""
@@ -367,7 +387,7 @@ class MigrationTls:
     verify: Resolved
     force: Resolved
     section: Optional[Tuple[int, int]]
-    warnings: Tuple[str, ...]
+    warnings: Tuple[ConfWarning, ...]
 
     def to_dict(self) -> dict:
         return {
@@ -376,7 +396,7 @@ class MigrationTls:
             "force": self.force.to_dict(),
             "qemuca_section": ({"begin_line": self.section[0], "end_line": self.section[1]}
                                if self.section else None),
-            "warnings": list(self.warnings),
+            "warnings": [str(w) for w in self.warnings],
         }
 
 
@@ -394,11 +414,12 @@ def _typed(doc: Document, name: str, kind: str) -> Optional[Setting]:
 def resolve_migration_tls(doc: Document, dir_exists: Callable[[str], bool]) -> MigrationTls:
     """Effective migration TLS settings. dir_exists(path) tells whether a path exists
     on the host the file belongs to (libvirt only checks existence)."""
-    warnings = []
+    warnings: List[ConfWarning] = []
     mig, dflt = _typed(doc, CERT_DIR, "string"), _typed(doc, DEFAULT_DIR, "string")
     for s in (mig, dflt):
         if s is not None and not dir_exists(s.value):
-            warnings.append(f"{s.name} {s.value} does not exist: libvirt refuses to start")
+            warnings.append(ConfWarning(CERT_DIR_MISSING,
+                                        f"{s.name} {s.value} does not exist: libvirt refuses to start"))
     if mig is not None:
         cert_dir = Resolved(mig.value, f"line {mig.line}", mig.line)
     elif dir_exists(LIBVIRT_MIGRATE_DIR):
@@ -408,7 +429,8 @@ def resolve_migration_tls(doc: Document, dir_exists: Callable[[str], bool]) -> M
     else:
         cert_dir = Resolved(DEFAULT_CERT_DIR, "default")
         if not dir_exists(DEFAULT_CERT_DIR):
-            warnings.append(f"{DEFAULT_CERT_DIR} does not exist: TLS migrations will fail")
+            warnings.append(ConfWarning(DEFAULT_CERT_DIR_MISSING,
+                                    f"{DEFAULT_CERT_DIR} does not exist: TLS migrations will fail"))
 
     verify_s, dverify = _typed(doc, VERIFY, "bool"), _typed(doc, DEFAULT_VERIFY, "bool")
     if verify_s is not None:
@@ -419,7 +441,7 @@ def resolve_migration_tls(doc: Document, dir_exists: Callable[[str], bool]) -> M
     else:
         verify = Resolved(True, "default")  # libvirt >= 6.10; older versions defaulted to 0
     if not verify.value:
-        warnings.append("verify is off: a destination accepts migrations from any client")
+        warnings.append(ConfWarning(VERIFY_OFF, "verify is off: a destination accepts migrations from any client"))
 
     force_s = _typed(doc, FORCE, "bool")
     force = (Resolved(force_s.value == 1, f"line {force_s.line}", force_s.line) if force_s
@@ -428,7 +450,7 @@ def resolve_migration_tls(doc: Document, dir_exists: Callable[[str], bool]) -> M
         section = doc.section()
     except InvalidInput as e:  # libvirt does not care about our markers
         section = None
-        warnings.append(str(e))
+        warnings.append(ConfWarning(MARKERS, str(e)))
     return MigrationTls(cert_dir, verify, force, section, tuple(warnings))
 
 

@@ -433,10 +433,11 @@ def _check_qemu_conf(h: _Host, doc, doc_error: Optional[str]) -> None:
     else:
         h.add("qemu.conf migrate verify", PASS, f"1 ({tls.verify.source})")
     for note in tls.warnings:
-        if note.startswith("verify is off") or note.startswith(qemuconf.DEFAULT_CERT_DIR + " does not"):
-            continue
-        h.add("qemu.conf", FAIL if "refuses to start" in note else WARN, note,
-              "create the directory or fix the setting" if "does not exist" in note else fix)
+        if note.code in (qemuconf.VERIFY_OFF, qemuconf.DEFAULT_CERT_DIR_MISSING):
+            continue  # reported above (verify) and by the cert dir checks
+        missing = note.code == qemuconf.CERT_DIR_MISSING
+        h.add("qemu.conf", FAIL if missing else WARN, str(note),
+              "create the directory or fix the setting" if missing else fix)
 
 
 def _iso(t: float) -> str:

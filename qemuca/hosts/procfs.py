@@ -23,7 +23,7 @@ def find_pids(fs, argv: Sequence[str], proc: str = "/proc", first: bool = False)
     """PIDs whose command line is exactly argv (how we find what we started, to kill it).
     Newest (highest) PIDs are looked at first: what we just started is found at once."""
     wanted = list(argv)
-    out = []
+    out: List[int] = []
     try:
         pids = sorted((int(e) for e in fs.listdir(proc) if e.isdigit()), reverse=True)
     except OSError:

@@ -51,9 +51,7 @@ def _lifecycle_command(name, verb, doc):
         if key_type and name == "renew":
             raise InvalidInput("renew keeps each host's key: use rekey for a new key type")
         store = app.store()
-        names, hosts_file, inventory, _limit, all_hosts = selection
-        explicit = bool(names or hosts_file or inventory or all_hosts)
-        hosts = select_hosts(app, selection) if explicit or expiring_within is None else []
+        hosts = select_hosts(app, selection) if not selection.empty or expiring_within is None else []
         if expiring_within is not None:
             hosts += [h for h in lifecycle.hosts_expiring(store, expiring_within) if h not in hosts]
         if not hosts:

@@ -33,8 +33,8 @@ def host_layout_options(func):
     """The options saying how credentials land on a host; the command gets `opts`."""
     options = [
         cert_dir_option("Where QEMU reads its credentials on the hosts (created 0755)."),
-        group_option("Group owning the files [default: qemu.conf's 'group', else whichever of "
-                     "qemu / libvirt-qemu exists on the host]."),
+        group_option("Group owning the files [default: the group libvirt runs QEMU as: qemu.conf's "
+                     "'group', else libvirt's default on that host; see docs/commands/deploy.md]."),
         click.option("--no-qemu-conf", is_flag=True, help="Leave qemu.conf alone."),
         qemu_conf_option(),
         click.option("--force-tls/--no-force-tls", default=None,

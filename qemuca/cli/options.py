@@ -79,7 +79,7 @@ def qemu_conf_option(help: str = "libvirt's QEMU driver configuration on the hos
                         help=help)
 
 
-def group_option(help: str = "Group owning the files [default: the group QEMU runs as on the host].",):
+def group_option(help: str = "Group owning the files [default: the group QEMU runs as on the host]."):
     return click.option("--group", help=help)
 
 

@@ -29,8 +29,8 @@ from qemuca.ops.verify.report import DEFAULT_PORT, DEFAULT_WARN_DAYS
               help="With --handshake: the temporary TCP port on DST.")
 @cert_dir_option("Where QEMU reads its credentials on the host(s).")
 @qemu_conf_option("libvirt's QEMU driver configuration on the host(s).")
-@group_option("Group that must own the files [default: as deploy: qemu.conf's 'group', else "
-              "qemu / libvirt-qemu].")
+@group_option("Group that must own the files [default: the group libvirt runs QEMU as, found as "
+              "deploy finds it].")
 @click.option("--hostname", metavar="NAME",
               help="With --local: the name that must be in the SANs [default: hostname -f].")
 @click.option("--warn-days", type=click.IntRange(0, 36500), default=DEFAULT_WARN_DAYS,

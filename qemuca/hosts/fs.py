@@ -47,6 +47,13 @@ class FileStat:
 
 TEMP_MARK = ".qemuca-tmp-"
 MAX_USER_FILE = 16 << 20  # a hosts file, inventory or PEM file beyond this is not one
+# A file read from a place (a cert, key, bundle, CRL, qemu.conf, a /proc entry) beyond this
+# is not one: a hostile host could otherwise make us read a 300 MB sparse file into memory.
+MAX_PLACE_FILE = 4 << 20
+
+
+def too_large(path: str, limit: int) -> OSError:
+    return OSError(errno.EFBIG, f"File too large (over {limit} bytes)", path)
 
 
 def temp_name(path: str) -> str:
@@ -58,7 +65,8 @@ def temp_name(path: str) -> str:
 class FS:
     """What deploy, export and verify need from a place. Paths are absolute."""
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, limit: int = MAX_PLACE_FILE) -> bytes:
+        """The file's bytes; OSError(EFBIG) past `limit` (nothing more is read)."""
         raise NotImplementedError
 
     def write_atomic(self, path: str, data: bytes, mode: int, uid: Optional[int] = None,
@@ -165,9 +173,12 @@ def _fsync_dir(path: str) -> None:
 class LocalFS(FS):
     """This machine's file system."""
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, limit: int = MAX_PLACE_FILE) -> bytes:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise too_large(path, limit)
+        return data
 
     def write_atomic(self, path, data, mode, uid=None, gid=None):
         tmp = temp_name(path)

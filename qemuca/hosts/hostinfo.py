@@ -14,7 +14,7 @@ from qemuca.hosts import qemuconf
 # libvirt's daemons that read qemu.conf: modular virtqemud first, then monolithic libvirtd.
 DAEMONS = (("virtqemud", "/usr/sbin/virtqemud"), ("libvirtd", "/usr/sbin/libvirtd"))
 DAEMON_NAMES = tuple(name for name, _ in DAEMONS)
-QEMU_GROUPS = ("qemu", "libvirt-qemu")  # RHEL/Fedora, Debian/Ubuntu
+QEMU_GROUPS = {"debian": "libvirt-qemu", "rhel": "qemu"}  # libvirt's build default per family
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,84 @@ def host_name(runner) -> HostName:
     return HostName(plain.text.strip() if plain.ok and plain.text.strip() else None, False, problem)
 
 
-def resolve_group(conn, doc: Optional[qemuconf.Document], wanted: Optional[str]) -> int:
-    """The gid QEMU runs as: --group, else qemu.conf's `group`, else qemu / libvirt-qemu."""
-    if wanted:
-        candidates, source = [wanted], "--group"
-    else:
-        setting = doc.first("group") if doc is not None else None
-        if setting is not None and isinstance(setting.value, str):
-            candidates, source = [setting.value], f"qemu.conf group (line {setting.line})"
-        else:
-            candidates, source = list(QEMU_GROUPS), "default"
-    for name in candidates:
+@dataclass(frozen=True)
+class QemuGroup:
+    """The group libvirt runs QEMU as on a host, and why we think so (shown to the admin)."""
+
+    name: str
+    gid: int
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "gid": self.gid, "source": self.source}
+
+
+def resolve_group(conn, fs, doc: Optional[qemuconf.Document], wanted: Optional[str]) -> QemuGroup:
+    """The group QEMU runs as, found the way libvirt finds it.
+
+    libvirt takes qemu.conf's `group`, else its build default: that is a property of the
+    host's libvirt build, never of which group names happen to exist (a Debian host may
+    have a `qemu` group that libvirt's QEMU is not in). The build default is read off the
+    host: the stock qemu.conf documents it (`#group = "libvirt-qemu"`), else the distro
+    family in /etc/os-release, else the user libvirt's packages created.
+    """
+    for name, source in _group_candidates(conn, fs, doc, wanted):
         if name.startswith("+") and name[1:].isdigit():  # libvirt's numeric "+107"
-            return int(name[1:])
+            return QemuGroup(name, int(name[1:]), source)
         result = conn.run_command("getent_group", group=name)
-        if result.ok and result.text.count(":") >= 2:
-            return int(result.text.split(":")[2])
-    raise NotFound(f"{conn.name}: no group {' or '.join(candidates)} ({source}) on the host: "
-                   "is libvirt's QEMU driver installed? Give --group")
+        fields = result.text.strip().split(":")
+        if result.ok and len(fields) >= 3 and fields[2].isdigit():
+            return QemuGroup(name, int(fields[2]), source)
+        raise NotFound(f"{conn.name}: QEMU's group is {name} ({source}), but the host has no such group: "
+                       "is libvirt's QEMU driver installed? (or give --group)")
+    raise NotFound(f"{conn.name}: cannot tell which group libvirt runs QEMU as (no `group` in qemu.conf, "
+                   "no documented default, no known distribution, no libvirt-qemu or qemu user): give --group")
+
+
+def _group_candidates(conn, fs, doc, wanted):
+    if wanted:
+        yield wanted, "--group"
+        return
+    if doc is not None:
+        setting = doc.first("group")
+        if setting is not None and isinstance(setting.value, str):
+            yield setting.value, f"qemu.conf group (line {setting.line})"
+            return
+        documented = doc.documented_default("group")
+        if documented is not None:
+            value, line = documented
+            yield value, f"libvirt's default, documented in qemu.conf (line {line})"
+            return
+    family = os_family(fs)
+    if family is not None:
+        yield QEMU_GROUPS[family], f"libvirt's default on {family} (/etc/os-release)"
+        return
+    for user in (QEMU_GROUPS["debian"], QEMU_GROUPS["rhel"]):  # the user libvirt's packages create
+        result = conn.run_command("getent_passwd", user=user)
+        fields = result.text.strip().split(":")
+        if result.ok and len(fields) >= 4 and fields[3].isdigit():
+            yield f"+{fields[3]}", f"the primary group of user {user}"
+            return
+
+
+OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
+_FAMILIES = {"debian": "debian", "ubuntu": "debian", "rhel": "rhel", "fedora": "rhel", "centos": "rhel"}
+
+
+def os_family(fs) -> Optional[str]:
+    """"debian" or "rhel" from os-release's ID and ID_LIKE, or None (unknown or unreadable)."""
+    for path in OS_RELEASE:
+        try:
+            text = fs.read_bytes(path, limit=64 << 10).decode("utf-8", "replace")
+        except OSError:
+            continue
+        fields = {}
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                fields[key.strip()] = value.strip().strip("\"'")
+        for ident in [fields.get("ID", "")] + fields.get("ID_LIKE", "").split():
+            if ident.lower() in _FAMILIES:
+                return _FAMILIES[ident.lower()]
+        return None
+    return None

@@ -39,7 +39,7 @@ def find_pids(fs, argv: Sequence[str], proc: str = "/proc", first: bool = False)
 def listening(fs, port: int, proc: str = "/proc") -> bool:
     for table in ("tcp", "tcp6"):
         try:
-            text = fs.read_bytes(f"{proc}/net/{table}").decode("ascii", "replace")
+            text = fs.read_bytes(f"{proc}/net/{table}", limit=64 << 20).decode("ascii", "replace")
         except OSError:
             continue
         for line in text.splitlines()[1:]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import posixpath
+import re
 import string
 from dataclasses import dataclass
 from typing import Callable, FrozenSet, List, Optional, Tuple, Union
@@ -77,6 +78,17 @@ class Document:
     def first(self, name: str) -> Optional[Setting]:
         """The occurrence libvirt uses."""
         return next((s for s in self.settings if s.name == name), None)
+
+    def documented_default(self, name: str) -> Optional[Tuple[str, int]]:
+        """(value, line) of a commented-out `#name = "value"` line: libvirt's build writes
+        its default there in the stock file (e.g. `#group = "libvirt-qemu"` on Debian)."""
+        pattern = re.compile(r'#\s*' + re.escape(name) + r'\s*=\s*"([^"\\]*)"\s*$')
+        lines = self.lines()
+        found = [(m.group(1), n) for n in sorted(self.comment_lines)
+                 if (m := pattern.match(lines[n - 1].rstrip("\r\n")))]
+        if not found or len({value for value, _ in found}) > 1:  # none, or an admin's old lines
+            return None
+        return found[0]
 
     @property
     def eol(self) -> str:

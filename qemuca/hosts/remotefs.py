@@ -36,7 +36,7 @@ from paramiko.sftp_attr import SFTPAttributes
 from paramiko.sftp_file import SFTPFile
 
 from qemuca.errors import RemoteError
-from qemuca.hosts.fs import FS, FileStat, temp_name
+from qemuca.hosts.fs import FS, MAX_PLACE_FILE, FileStat, temp_name, too_large
 from qemuca.hosts.ssh import Connection
 
 # Operations that write: an errno-less SFTP failure of one of these is diagnosed with statvfs.
@@ -131,14 +131,17 @@ class RemoteFS(FS):
             return None
         return None
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, limit: int = MAX_PLACE_FILE) -> bytes:
         with self._op("read", path):
             f = self.sftp.open(path, "rb")
             try:
                 with self._op("read", path):  # a timeout hangs up before close() waits again
-                    return f.read()
+                    data = f.read(limit + 1)
             finally:
                 f.close()
+        if len(data) > limit:
+            raise too_large(f"{self.conn.name}:{path}", limit)
+        return data
 
     def write_atomic(self, path, data, mode, uid=None, gid=None):
         tmp = temp_name(path)

@@ -17,17 +17,17 @@ from typing import Callable, List, Optional
 
 from cryptography import x509
 
-from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError, RemoteError
+from qemuca.errors import Conflict, NotFound, QemucaError, RemoteError
 from qemuca.hosts import install, layout, qemuconf
-from qemuca.hosts.hostinfo import DAEMONS, resolve_group
-from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, host_modes
+from qemuca.hosts.hostinfo import DAEMONS, QemuGroup, resolve_group
+from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, Modes, host_modes
 from qemuca.pki.checks import fingerprint, issued_by, key_matches
 
 
 @dataclass(frozen=True)
 class DeployOptions:
     cert_dir: str = layout.DEFAULT_CERT_DIR
-    group: Optional[str] = None  # None: qemu.conf's group, else qemu / libvirt-qemu
+    group: Optional[str] = None  # None: the group libvirt runs QEMU as (hostinfo.resolve_group)
     qemu_conf: bool = True
     qemu_conf_path: str = qemuconf.DEFAULT_PATH
     force_tls: Optional[bool] = None
@@ -56,6 +56,7 @@ class HostReport:
     actions: List[str] = field(default_factory=list)
     qemu_conf_diff: str = ""
     bundle_sha256: Optional[str] = None  # the ca-cert.pem deployed (rollover tracking)
+    qemu_group: Optional[dict] = None  # the group the set is readable by, and why that one
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,8 +112,19 @@ def restart_daemon(conn) -> str:
     raise RemoteError(f"{conn.name}: neither virtqemud nor libvirtd is installed")
 
 
-def _host_modes(conn, fs, opts: DeployOptions):
-    """qemu.conf as it is (None when absent and not needed) and the modes for this host."""
+@dataclass(frozen=True)
+class Placement:
+    """How a set is placed on one host: root-owned, readable by the group QEMU runs as."""
+
+    group: QemuGroup
+
+    @property
+    def modes(self) -> Modes:
+        return host_modes(self.group.gid)
+
+
+def placement(conn, fs, opts: DeployOptions) -> Placement:
+    """The host's placement, from its qemu.conf (which must exist unless not needed)."""
     doc = None
     try:
         doc = qemuconf.read_document(fs, opts.qemu_conf_path)
@@ -120,20 +132,22 @@ def _host_modes(conn, fs, opts: DeployOptions):
         if opts.group is None and opts.qemu_conf:
             raise NotFound(f"{conn.name}: {opts.qemu_conf_path} does not exist: is libvirt "
                            "installed? (--no-qemu-conf to deploy certificates only)") from None
-    return host_modes(resolve_group(conn, doc, opts.group))
+    return Placement(resolve_group(conn, fs, doc, opts.group))
 
 
 def deploy_host(conn, fs, creds: CredentialSet, opts: DeployOptions) -> HostReport:
     """Deploy to one connected host; raises QemucaError on failure (nothing half-done)."""
-    modes = _host_modes(conn, fs, opts)
+    where = placement(conn, fs, opts)
     if opts.dry_run:
-        return _dry_run(fs, creds, opts, modes)
-    return _switch_in(conn, fs, creds, opts, modes)
+        return dry_run(fs, creds, opts, where)
+    return switch_in(conn, fs, creds, opts, where)
 
 
-def _dry_run(fs, creds: CredentialSet, opts: DeployOptions, modes) -> HostReport:
-    report = HostReport(creds.host, fingerprint_sha256=creds.fingerprint_sha256)
-    plan = install.plan(fs, opts.cert_dir, creds, modes)
+def dry_run(fs, creds: CredentialSet, opts: DeployOptions, where: Placement) -> HostReport:
+    """What switch_in would change, changing nothing."""
+    report = HostReport(creds.host, fingerprint_sha256=creds.fingerprint_sha256,
+                        qemu_group=where.group.to_dict())
+    plan = install.plan(fs, opts.cert_dir, creds, where.modes)
     report.actions = plan.actions + [f"replace {n} (not written by qemuca; kept for rollback)"
                                      for n in plan.adopted]
     changed = plan.changed
@@ -148,13 +162,14 @@ def _dry_run(fs, creds: CredentialSet, opts: DeployOptions, modes) -> HostReport
     return report
 
 
-def _switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, modes,
-               then: Optional[Callable[[], None]] = None) -> HostReport:
+def switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, where: Placement,
+              then: Optional[Callable[[], None]] = None) -> HostReport:
     """Install the set, check it, update qemu.conf, run `then`; any failure after the
     switch switches the host back to its previous set."""
     report = HostReport(creds.host, fingerprint_sha256=creds.fingerprint_sha256,
-                        bundle_sha256=hashlib.sha256(creds.files[CA_BUNDLE]).hexdigest())
-    placed = install.install(fs, opts.cert_dir, creds, modes, force=opts.force)
+                        bundle_sha256=hashlib.sha256(creds.files[CA_BUNDLE]).hexdigest(),
+                        qemu_group=where.group.to_dict())
+    placed = install.install(fs, opts.cert_dir, creds, where.modes, force=opts.force)
     try:
         check_landed(conn, fs, opts.cert_dir, creds)
         report.actions += placed.actions
@@ -216,15 +231,15 @@ def enroll_host(conn, fs, authority, host: str, opts: DeployOptions, key_type: s
     """
     if not force and authority.store.valid_for_host(host) is not None:
         raise Conflict(f"{host} already has a valid certificate: use --replace to enroll it anew")
-    modes = _host_modes(conn, fs, opts)
-    staging = install.make_staging(fs, opts.cert_dir, modes)
+    where = placement(conn, fs, opts)
+    staging = install.make_staging(fs, opts.cert_dir, where.modes)
     try:
         key_path, csr = key_and_csr_on_host(conn, staging, host, key_type)
         new = authority.certify(csr, host, sans, days)
         creds = CredentialSet.build(host, new.record.fingerprint_sha256, authority.bundle(),
                                     new.record.cert_pem.encode(), None, authority.crl_pem(),
                                     key_on_host=key_path)
-        return _switch_in(conn, fs, creds, opts, modes,
+        return switch_in(conn, fs, creds, opts, where,
                           then=lambda: authority.record(new, force, action))
     finally:
         if fs.stat(staging, follow=False) is not None:
@@ -258,7 +273,7 @@ def deploy_from_store(conn, fs, authority, host: str, opts: DeployOptions) -> Ho
 
     record = require_host(authority.store, host)
     key = authority.store.key_pem(record.serial)
-    modes = _host_modes(conn, fs, opts)
+    where = placement(conn, fs, opts)
 
     def creds_with(key_bytes=None, key_on_host=None):
         return CredentialSet.build(record.host, record.fingerprint_sha256, authority.bundle(),
@@ -266,11 +281,11 @@ def deploy_from_store(conn, fs, authority, host: str, opts: DeployOptions) -> Ho
 
     if key is not None:
         creds = creds_with(key.encode())
-        return _dry_run(fs, creds, opts, modes) if opts.dry_run else _switch_in(conn, fs, creds, opts, modes)
+        return dry_run(fs, creds, opts, where) if opts.dry_run else switch_in(conn, fs, creds, opts, where)
     if opts.dry_run:
-        return _dry_run(fs, creds_with(key_on_host=posixpath.join(opts.cert_dir, SERVER_KEY)), opts, modes)
-    with staged_key_copy(conn, fs, opts.cert_dir, modes) as key_path:
-        return _switch_in(conn, fs, creds_with(key_on_host=key_path), opts, modes)
+        return dry_run(fs, creds_with(key_on_host=posixpath.join(opts.cert_dir, SERVER_KEY)), opts, where)
+    with staged_key_copy(conn, fs, opts.cert_dir, where.modes) as key_path:
+        return switch_in(conn, fs, creds_with(key_on_host=key_path), opts, where)
 
 
 def refresh_host(conn, fs, authority, host: str, opts: DeployOptions, bundle: bool, crl: bool
@@ -278,7 +293,7 @@ def refresh_host(conn, fs, authority, host: str, opts: DeployOptions, bundle: bo
     """Re-place the host's current set with only the CA bundle and/or the CRL renewed
     (revocation rollout, CA rollover): certificates and key stay as they are."""
 
-    modes = _host_modes(conn, fs, opts)
+    where = placement(conn, fs, opts)
     target = install.CertDir(fs, opts.cert_dir)
     current = target.current_id()
     if current is None:
@@ -294,9 +309,9 @@ def refresh_host(conn, fs, authority, host: str, opts: DeployOptions, bundle: bo
         return CredentialSet.build(host, fp, new_bundle, files[SERVER_CERT], None, new_crl, key_on_host)
 
     if opts.dry_run:
-        return _dry_run(fs, creds_with(posixpath.join(opts.cert_dir, SERVER_KEY)), opts, modes)
-    with staged_key_copy(conn, fs, opts.cert_dir, modes) as key_path:
-        return _switch_in(conn, fs, creds_with(key_path), opts, modes)
+        return dry_run(fs, creds_with(posixpath.join(opts.cert_dir, SERVER_KEY)), opts, where)
+    with staged_key_copy(conn, fs, opts.cert_dir, where.modes) as key_path:
+        return switch_in(conn, fs, creds_with(key_path), opts, where)
 
 
 def rollback_host(conn, fs, cert_dir: str) -> HostReport:
@@ -320,7 +335,7 @@ def run_on_host(host: str, connect: Callable, work: Callable) -> HostReport:
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         return HostReport(host, error=f"{host}: {e.strerror or e}{where}")
-    except (ValueError, InvalidInput) as e:
+    except ValueError as e:
         return HostReport(host, error=f"{host}: {e}")
     except Exception as e:  # e.g. paramiko.SFTPError: this host fails, the fleet goes on
         return HostReport(host, error=f"{host}: {type(e).__name__}: {e}")

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from qemuca.errors import Conflict
 from qemuca.hosts.layout import CredentialSet
-from qemuca.ops.deploy import DeployOptions, HostReport, _host_modes, _switch_in, enroll_host, staged_key_copy
+from qemuca.ops.deploy import DeployOptions, HostReport, enroll_host, placement, staged_key_copy, switch_in
 from qemuca.pki import ca as ca_mod
 from qemuca.pki import profile
 from qemuca.pki.checks import fingerprint
@@ -41,17 +41,17 @@ def renew_host(conn, fs, authority, host: str, opts: DeployOptions, days: int) -
     """A new certificate for the host's existing key, deployed, then recorded."""
     record = ca_mod.require_host(authority.store, host)
     sans = _extra_sans(record)
-    modes = _host_modes(conn, fs, opts)
+    where = placement(conn, fs, opts)
     key = authority.store.key_pem(record.serial)
     if key is not None:
         new = authority.make_cert(record.host, sans, days,
                                   serialization.load_pem_private_key(key.encode(), None))
         creds = _creds(authority, new, key_bytes=new.key_pem.encode())
-        return _switch_in(conn, fs, creds, opts, modes, then=lambda: authority.record(new, True, "renew"))
-    with staged_key_copy(conn, fs, opts.cert_dir, modes) as key_path:
+        return switch_in(conn, fs, creds, opts, where, then=lambda: authority.record(new, True, "renew"))
+    with staged_key_copy(conn, fs, opts.cert_dir, where.modes) as key_path:
         csr = _csr_for(conn, key_path, record.host)
         new = authority.certify(csr, record.host, sans, days)
-        return _switch_in(conn, fs, _creds(authority, new, key_on_host=key_path), opts, modes,
+        return switch_in(conn, fs, _creds(authority, new, key_on_host=key_path), opts, where,
                           then=lambda: authority.record(new, True, "renew"))
 
 
@@ -64,10 +64,10 @@ def rekey_host(conn, fs, authority, host: str, opts: DeployOptions, days: int,
     if record.key_source == "csr":
         return enroll_host(conn, fs, authority, record.host, opts, key_type, sans, days, True,
                            action="rekey")
-    modes = _host_modes(conn, fs, opts)
+    where = placement(conn, fs, opts)
     new = authority.make_cert(record.host, sans, days, profile.generate_key(key_type))
     creds = _creds(authority, new, key_bytes=new.key_pem.encode())
-    return _switch_in(conn, fs, creds, opts, modes, then=lambda: authority.record(new, True, "rekey"))
+    return switch_in(conn, fs, creds, opts, where, then=lambda: authority.record(new, True, "rekey"))
 
 
 def _csr_for(conn, key_path: str, host: str) -> bytes:

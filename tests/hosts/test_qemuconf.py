@@ -421,3 +421,17 @@ def test_dry_run_writes_nothing_and_diff_marks_missing_newline(tmp_path):
     assert diff.startswith(f"--- {path}\n+++ {path}\n")
     assert "-x = 1\n\\ No newline at end of file\n+x = 1\n" in diff
     assert diff.endswith(f"+{qc.END_MARKER}\n\\ No newline at end of file\n")
+
+
+def test_documented_default_is_the_stock_comment():
+    """libvirt's build writes its QEMU user and group into the stock file as comments;
+    an admin's own commented-out lines that disagree make the default unknown."""
+    stock = qc.parse(b'# The group for QEMU processes\n#group = "libvirt-qemu"\n#user = "libvirt-qemu"\n')
+    assert stock.documented_default("group") == ("libvirt-qemu", 2)
+    assert stock.documented_default("user") == ("libvirt-qemu", 3)
+    examples = qc.parse(b'#       user = "qemu"   # A user named "qemu"\n')
+    assert examples.documented_default("user") is None  # the documentation's examples
+    edited = qc.parse(b'#group = "qemu"\ngroup = "kvm"\n#group = "kvm"\n')
+    assert edited.documented_default("group") is None
+    assert edited.first("group").value == "kvm"
+    assert qc.parse(b'  #group = "qemu"\n').documented_default("group") is None  # not a column-1 comment

@@ -186,20 +186,26 @@ def new_fleet(n: int, **kw) -> Fleet:
 # ------------------------------------------------- five hosts, one deploy (module)
 
 SOMEGROUP_CONF = DEFAULT_QEMU_CONF + 'group = "somegroup"\n'
+RHEL_STOCK_CONF = DEFAULT_QEMU_CONF + '#group = "qemu"\n'
 EXPECTED_GROUP = {"host4.qemu.test": "qemu", "host5.qemu.test": "somegroup"}
+EXPECTED_SOURCE = {"host1.qemu.test": "libvirt's default on debian (/etc/os-release)",
+                   "host3.qemu.test": "libvirt's default on debian (/etc/os-release)",
+                   "host4.qemu.test": "libvirt's default, documented in qemu.conf (line 2)",
+                   "host5.qemu.test": "qemu.conf group (line 2)"}
 
 
 @pytest.fixture(scope="module")
 def five(tmp_path_factory):
-    """Five hosts deployed once with --issue: three Debian-like (libvirt-qemu), one
-    RHEL-like (qemu), one whose qemu.conf names group "somegroup" (it also has
+    """Five hosts deployed once with --issue: three Debian-like (libvirt-qemu; host3 also
+    has a `qemu` group, which must not win), one RHEL-like (the stock qemu.conf documents
+    `#group = "qemu"`), one whose qemu.conf names group "somegroup" (it also has
     libvirt-qemu, which must lose). Tests on it only read, or run deploys that change
     nothing, so they can share it."""
-    fleet = new_fleet(3)
+    fleet = new_fleet(2)
     try:
-        fleet.add_host("host4.qemu.test", group="qemu")
-        fleet.add_host("host5.qemu.test", group=["libvirt-qemu", "somegroup"],
-                       qemu_conf=SOMEGROUP_CONF)
+        fleet.add_host("host3.qemu.test", extra_groups=["qemu"])
+        fleet.add_host("host4.qemu.test", distro="rhel", qemu_conf=RHEL_STOCK_CONF)
+        fleet.add_host("host5.qemu.test", extra_groups=["somegroup"], qemu_conf=SOMEGROUP_CONF)
         home = make_store(tmp_path_factory.mktemp("five"))
         proc = run_qemuca(home, "deploy", *fleet.names, "--issue", *fleet_ssh(fleet), "--json")
         yield SimpleNamespace(fleet=fleet, home=home, proc=proc)
@@ -219,6 +225,8 @@ def test_deploy_to_five_hosts_places_the_full_set(five):
         cert_dir = os.stat(host.path(CERT_DIR))
         assert (stat.S_IMODE(cert_dir.st_mode), cert_dir.st_uid) == (0o755, 0)
         group = EXPECTED_GROUP.get(host.name, "libvirt-qemu")
+        assert r["qemu_group"]["name"] == group and group_name(host, r["qemu_group"]["gid"]) == group, r
+        assert r["qemu_group"]["source"] == EXPECTED_SOURCE.get(host.name, EXPECTED_SOURCE["host1.qemu.test"])
         for name in LAYOUT:
             st = os.stat(host.path(f"{CERT_DIR}/{name}"))  # what QEMU opens: links followed
             want = 0o640 if name in KEYS else 0o644
@@ -249,6 +257,7 @@ def test_qemu_conf_is_read_by_libvirt_as_ours(five):
         assert daemon.values["migrate_tls_x509_verify"] is True
         text = host.read(QEMU_CONF)
         assert text.startswith(DEFAULT_QEMU_CONF.encode())  # the admin's lines are kept
+        assert (b'#group = "qemu"\n' in text) == (host.name == "host4.qemu.test")
         doc = qemuconf.parse(text, QEMU_CONF)
         tls = qemuconf.resolve_migration_tls(doc, lambda p, h=host: h.path(p).is_dir())
         assert (tls.cert_dir.value, tls.verify.value, tls.warnings) == (CERT_DIR, True, ())
@@ -435,7 +444,7 @@ def test_one_failing_host_never_stops_the_others(fleet_factory, tmp_path):
     """host3 has no QEMU group, host4's sshd is down, host5's login shell prints a
     greeting (which breaks SFTP): all three fail, each with its reason; host1/host2 succeed."""
     fleet = fleet_factory(2)
-    fleet.add_host("host3.qemu.test", group=None)
+    fleet.add_host("host3.qemu.test", distro="bare")
     fleet.add_hosts(["host4.qemu.test", "host5.qemu.test"])
     fleet["host4.qemu.test"].kill()
     fleet["host5.qemu.test"].write("/root/.bashrc", "echo 'Welcome to host5!'\n")

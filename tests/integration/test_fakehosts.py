@@ -113,21 +113,34 @@ def test_etc_and_tmp_are_private_per_host_and_sftp_works(fleet_factory):
     assert h2.run(["cat", "/etc/pki/qemu/ca-cert.pem"]).stdout == b"CA"
 
 
-def test_groups_and_qemu_conf_per_host(fleet_factory):
+def test_user_database_and_qemu_conf_per_host(fleet_factory):
+    """Each host has its distribution's users and groups, never this machine's."""
     fleet = fleet_factory(1)
-    default = fleet[0]
-    debian_like = fleet.add_host("rhel.qemu.test", group="qemu", qemu_conf='user = "qemu"\n')
-    bare = fleet.add_host("bare.qemu.test", group=None)
-    real_groups = open("/etc/group").read()
-    for host, present in ((default, "libvirt-qemu"), (debian_like, "qemu")):
-        assert host.run(["getent", "group", present]).returncode == 0
-    assert debian_like.run(["getent", "group", "libvirt-qemu"], check=False).returncode == 2
-    if "libvirt-qemu:" not in real_groups and "\nqemu:" not in real_groups:
-        for group in ("libvirt-qemu", "qemu"):
-            assert bare.run(["getent", "group", group], check=False).returncode == 2
-    assert default.read("/etc/libvirt/qemu.conf") == DEFAULT_QEMU_CONF.encode()
-    with connect(fleet, debian_like) as client:
+    debian = fleet[0]
+    rhel = fleet.add_host("rhel.qemu.test", distro="rhel", extra_groups=["somegroup"],
+                          qemu_conf='user = "qemu"\n')
+    bare = fleet.add_host("bare.qemu.test", distro="bare")
+
+    def getent(host, db, name):
+        proc = host.run(["getent", db, name], check=False)
+        return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+    assert getent(debian, "passwd", "libvirt-qemu").startswith("libvirt-qemu:x:64055:64055:")
+    assert getent(debian, "group", "kvm") == "kvm:x:104:libvirt-qemu"
+    assert getent(debian, "group", "qemu") is None and getent(debian, "passwd", "qemu") is None
+    assert getent(rhel, "passwd", "qemu").startswith("qemu:x:107:107:")
+    assert getent(rhel, "group", "libvirt-qemu") is None
+    assert getent(rhel, "group", "somegroup") == "somegroup:x:999:"
+    assert b'ID="rhel"' in rhel.read("/etc/os-release") and b"ID=debian" in debian.read("/etc/os-release")
+    for group in ("libvirt-qemu", "qemu", "kvm"):
+        assert getent(bare, "group", group) is None
+    # This machine's database is not what the hosts see.
+    machine_groups = open("/etc/group").read().splitlines()
+    assert debian.read("/etc/group").decode().splitlines() != machine_groups
+    assert debian.read("/etc/libvirt/qemu.conf") == DEFAULT_QEMU_CONF.encode()
+    with connect(fleet, rhel) as client:  # sshd on a RHEL-like user database serves logins
         assert sh(client, "cat /etc/libvirt/qemu.conf") == (0, 'user = "qemu"\n')
+        assert sh(client, "id -un") == (0, "root\n")
     assert "rhel.qemu.test" in fleet.ssh_config.read_text()
 
 

@@ -145,3 +145,14 @@ def test_libvirt_reads_our_values_in_generated_files(text, tls):
     res = virconf_parse(qc.apply_tls(qc.parse(text), tls).to_bytes(), strings, bools)
     assert res.error is None
     assert res.values == {k: (v if isinstance(v, str) else bool(v)) for k, v in tls.values()}
+
+
+def test_debian_stock_file_documents_libvirt_qemu_as_the_default(stock):
+    """Debian's build substitutes its QEMU user and group into the stock file's comments:
+    that is what deploy takes when qemu.conf sets no group."""
+    doc = qc.parse(stock.read_bytes(), str(stock))
+    assert doc.first("group") is None and doc.first("user") is None
+    assert doc.documented_default("group")[0] == "libvirt-qemu"
+    assert doc.documented_default("user")[0] == "libvirt-qemu"
+    applied = qc.apply_tls(doc, qc.TlsSettings(cert_dir="/etc/pki/qemu", verify=True))
+    assert applied.documented_default("group") == doc.documented_default("group")  # our edit keeps it

@@ -314,6 +314,8 @@ def _apply(host, ctx, cases):
             os.chmod(host.path(target(host, "server-key.pem")), 0o644)
         elif name == "owner-group":
             os.chown(host.path(target(host, "ca-cert.pem")), 1000, 0)
+        elif name == "wrong-group":  # a group that exists, but not the one libvirt runs QEMU as
+            os.chown(host.path(target(host, "server-key.pem")), 0, gid_of(host, "adm"))
         elif name == "libvirt-ca-is-qemu-ca":
             host.write(verify_report.LIBVIRT_CA, pem(store_ca[0]))
         elif name == "libvirt-cert-from-qemu-ca":
@@ -384,6 +386,8 @@ CASES = {
     "mode": ({"file server-key.pem"}, {"file client-key.pem"}, set(), set(),
              "file server-key.pem", "mode 0644, want 0640"),
     "owner-group": ({"file ca-cert.pem"}, set(), set(), set(), "file ca-cert.pem", "owner uid 1000"),
+    "wrong-group": ({"file server-key.pem"}, {"file client-key.pem"}, set(), set(), "file server-key.pem",
+                    "QEMU runs as group libvirt-qemu (libvirt's default on debian (/etc/os-release))"),
     "key-of-another-cert": ({"server-key.pem matches server-cert.pem", "client-key.pem matches client-cert.pem"},
                             set(), set(), NEW_LEAF, "server-key.pem matches server-cert.pem", "another certificate"),
     "expired": ({"server-cert.pem validity"}, set(), set(), NEW_LEAF, "server-cert.pem validity", "expired on"),
@@ -436,7 +440,7 @@ HOSTS = [
     ["not-yet-valid", "owner-group", "qemu-conf-earlier-key", "libvirt-cert-from-qemu-ca"],
     ["name-not-in-sans", "stale-crl", "missing-file", "qemu-conf-without-keys", "daemon-before-change"],
     ["revoked", "key-of-another-cert", "qemu-conf-libvirt-migrate-dir", "daemon-after-change"],
-    ["17-cas", "link-escapes"],
+    ["17-cas", "link-escapes", "wrong-group"],
     ["expired-ca-in-bundle", "corrupt-pem"],
     ["another-ca-leaf"],
     ["eku-and-keyusage"],

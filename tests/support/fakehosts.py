@@ -2,8 +2,9 @@
 
 Each fake host is a real `sshd` on 127.0.0.1 with its own port, running in its own mount
 and UTS namespaces, so that the tool under test meets real SSH, real SFTP and real file
-modes while every host has its own `/etc` (an overlay: its own /etc/pki, /etc/libvirt,
-/etc/group, /etc/hosts), its own hostname, its own empty /root, a private /run and /tmp.
+modes while every host has its own `/etc` (an overlay: its own /etc/pki, /etc/libvirt, /etc/hosts,
+and a user database and os-release of its distribution family, never this machine's),
+its own hostname, its own empty /root, a private /run and /tmp.
 
 A "namespace anchor" (`unshare ... sleep infinity`) holds the namespaces, so sshd can be
 killed and started again (`nsenter` into the anchor) while the host keeps its files.
@@ -139,28 +140,57 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _with_groups(text: str, groups: Sequence[str], gshadow: bool) -> str:
-    """The group (or gshadow) file with `groups` added, as `groupadd -r` would."""
-    rows = [line.split(":") for line in text.splitlines() if line]
-    names = {row[0] for row in rows}
-    used = {int(row[2]) for row in rows if not gshadow and len(row) > 2 and row[2].isdigit()}
+# Each fake host has its own user database, like a real machine of that family, never a
+# copy of this machine's: the suite must behave the same whatever groups the test machine
+# has (a `qemu` group on a Debian machine once made deploy pick the wrong one).
+# (passwd, group, os-release) per distribution family; "bare": no libvirt installed.
+_BASE_USERS = ("root:x:0:0:root:/root:/bin/bash\n"
+               "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+               "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+_BASE_GROUPS = "root:x:0:\ndaemon:x:1:\nadm:x:4:\nnogroup:x:65534:\n"
+DISTROS = {
+    "debian": (_BASE_USERS + "sshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n"
+               "libvirt-qemu:x:64055:64055:Libvirt Qemu,,,:/var/lib/libvirt:/usr/sbin/nologin\n",
+               _BASE_GROUPS + "kvm:x:104:libvirt-qemu\nlibvirt:x:108:\nlibvirt-qemu:x:64055:libvirt-qemu\n",
+               'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'),
+    "rhel": (_BASE_USERS + "sshd:x:74:74:Privilege-separated SSH:/usr/share/empty.sshd:/sbin/nologin\n"
+             "qemu:x:107:107:qemu user:/:/sbin/nologin\n",
+             _BASE_GROUPS + "kvm:x:36:qemu\nsshd:x:74:\nqemu:x:107:\nlibvirt:x:986:\n",
+             'NAME="Red Hat Enterprise Linux"\nID="rhel"\nID_LIKE="fedora"\nVERSION_ID="9.4"\n'),
+    "bare": (_BASE_USERS + "sshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n", _BASE_GROUPS,
+             'NAME="Minimal"\nID=minimal\n'),
+}
+
+
+def _user_db(distro: str, extra_groups: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """The host's /etc user files: {name: (text, mode)}, with `extra_groups` added as
+    `groupadd -r` would (the next free gid down from 999)."""
+    passwd, group, os_release = DISTROS[distro]
+    used = {int(line.split(":")[2]) for line in group.splitlines()}
+    names = {line.split(":")[0] for line in group.splitlines()}
     gid = 999
-    for name in (g for g in groups if g not in names):
+    for name in (g for g in extra_groups if g not in names):
         while gid in used:
             gid -= 1
         used.add(gid)
-        rows.append([name, "!", "", ""] if gshadow else [name, "x", str(gid), ""])
-    return "".join(":".join(row) + "\n" for row in rows)
+        group += f"{name}:x:{gid}:\n"
+    users = [line.split(":")[0] for line in passwd.splitlines()]
+    groups = [line.split(":")[0] for line in group.splitlines()]
+    return {"passwd": (passwd, 0o644), "group": (group, 0o644), "os-release": (os_release, 0o644),
+            "shadow": ("".join(f"{u}:*:19000:0:99999:7:::\n" for u in users), 0o600),
+            "gshadow": ("".join(f"{g}:*::\n" for g in groups), 0o600)}
 
 
 class FakeHost:
     """One fake hypervisor. `pid` is its sshd; `anchor_pid` holds its namespaces."""
 
-    def __init__(self, fleet: Fleet, name: str, port: int, group: str | Sequence[str] | None,
+    def __init__(self, fleet: Fleet, name: str, port: int, distro: str, extra_groups: Sequence[str],
                  qemu_conf: str | None, loglevel: str):
+        if distro not in DISTROS:
+            raise ValueError(f"distro {distro!r}: one of {sorted(DISTROS)}")
         self.fleet, self.name, self.port = fleet, name, port
         self.root = fleet.base / name
-        self.groups = [group] if isinstance(group, str) else list(group or ())
+        self.distro, self.extra_groups = distro, list(extra_groups)
         self.qemu_conf, self.loglevel = qemu_conf, loglevel
         self.host_key_line = ""
         self._anchor: subprocess.Popen | None = None
@@ -271,14 +301,8 @@ class FakeHost:
         # Its own /etc/hosts, not the machine's (a minimal root may have none).
         _write(up / "hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{self.name} {short}\n"
                              "::1\tlocalhost ip6-localhost ip6-loopback\n")
-        if self.groups:
-            for name, shadow in (("group", False), ("gshadow", True)):
-                real = Path("/etc") / name
-                if real.exists():
-                    _write(up / name, _with_groups(real.read_text(), self.groups, shadow),
-                           real.stat().st_mode & 0o777)
-                    shutil.copystat(real, up / name)
-                    os.chown(up / name, real.stat().st_uid, real.stat().st_gid)
+        for file, (text, mode) in _user_db(self.distro, self.extra_groups).items():
+            _write(up / file, text, mode)
         if self.qemu_conf is not None:
             (up / "libvirt").mkdir(mode=0o755)
             _write(up / "libvirt" / "qemu.conf", self.qemu_conf, 0o600)
@@ -296,9 +320,10 @@ class FakeHost:
         if not line and self._anchor.poll() is None:
             self._anchor.kill()
         if line.strip() != b"ready":
-            self._anchor.wait(timeout=TIMEOUT)
-            raise RuntimeError(f"{self.name}: namespace setup failed: "
-                               f"{(self.root / 'anchor.log').read_text(errors='replace')}")
+            rc = self._anchor.wait(timeout=TIMEOUT)
+            how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+            log = (self.root / "anchor.log").read_text(errors="replace").strip() or "no output"
+            raise RuntimeError(f"{self.name}: namespace setup failed ({how}): {log}")
         self._mntns = os.readlink(f"/proc/{self.anchor_pid}/ns/mnt")
         if self._mntns == os.readlink("/proc/self/ns/mnt"):
             raise RuntimeError(f"{self.name}: no private mount namespace")
@@ -402,20 +427,21 @@ class Fleet:
     def names(self) -> list[str]:
         return [h.name for h in self.hosts]
 
-    def add_host(self, name: str, group: str | Sequence[str] | None = "libvirt-qemu",
+    def add_host(self, name: str, distro: str = "debian", extra_groups: Sequence[str] = (),
                  qemu_conf: str | None = DEFAULT_QEMU_CONF) -> FakeHost:
-        """Start one more host. group: group(s) its /etc/group gets (None: as the real
-        machine); qemu_conf: text of /etc/libvirt/qemu.conf (None: the machine's own)."""
-        return self.add_hosts([name], group=group, qemu_conf=qemu_conf)[0]
+        """Start one more host. distro: its user database and os-release ("debian":
+        libvirt-qemu, "rhel": qemu, "bare": no libvirt); extra_groups: more groups in its
+        /etc/group; qemu_conf: text of /etc/libvirt/qemu.conf (None: the machine's own)."""
+        return self.add_hosts([name], distro=distro, extra_groups=extra_groups, qemu_conf=qemu_conf)[0]
 
-    def add_hosts(self, names: Iterable[str], group: str | Sequence[str] | None = "libvirt-qemu",
+    def add_hosts(self, names: Iterable[str], distro: str = "debian", extra_groups: Sequence[str] = (),
                   qemu_conf: str | None = DEFAULT_QEMU_CONF) -> list[FakeHost]:
         """Start several hosts concurrently (each phase launches all, then waits all)."""
         names = list(names)
         clash = set(names) & set(self.names)
         if clash or len(set(names)) != len(names):
             raise ValueError(f"duplicate host names: {sorted(clash) or names}")
-        new = [FakeHost(self, n, p, group, qemu_conf, self.loglevel)
+        new = [FakeHost(self, n, p, distro, extra_groups, qemu_conf, self.loglevel)
                for n, p in zip(names, _free_ports(len(names)))]
         self.hosts.extend(new)
         with ThreadPoolExecutor(8) as pool:  # file creation is the slow part here
@@ -476,16 +502,16 @@ def host_names(n: int) -> list[str]:
     return [f"host{i}.qemu.test" for i in range(1, n + 1)]
 
 
-def start_fleet(n: int, base: Path, names: Sequence[str] | None = None,
-                group: str | Sequence[str] | None = "libvirt-qemu",
-                qemu_conf: str | None = DEFAULT_QEMU_CONF, loglevel: str = "VERBOSE") -> Fleet:
+def start_fleet(n: int, base: Path, names: Sequence[str] | None = None, distro: str = "debian",
+                extra_groups: Sequence[str] = (), qemu_conf: str | None = DEFAULT_QEMU_CONF,
+                loglevel: str = "VERBOSE") -> Fleet:
     """Start n fake hosts (default names host1.qemu.test ... hostN.qemu.test)."""
     names = list(names) if names is not None else host_names(n)
     if len(names) != n:
         raise ValueError(f"{n} hosts but {len(names)} names")
     fleet = Fleet(base, loglevel=loglevel)
     try:
-        fleet.add_hosts(names, group=group, qemu_conf=qemu_conf)
+        fleet.add_hosts(names, distro=distro, extra_groups=extra_groups, qemu_conf=qemu_conf)
     except BaseException:
         fleet.stop()
         raise

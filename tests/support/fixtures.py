@@ -36,7 +36,7 @@ def _new_fleet(n: int, **kw) -> Fleet:
 
 @pytest.fixture
 def fleet_factory() -> Callable[..., Fleet]:
-    """fleet_factory(n, names=None, group="libvirt-qemu", qemu_conf=..., loglevel=...)
+    """fleet_factory(n, names=None, distro="debian", extra_groups=(), qemu_conf=..., loglevel=...)
     -> a started Fleet; every fleet made is stopped at teardown, pass or fail."""
     require_fleet_tools()
     fleets: list[Fleet] = []

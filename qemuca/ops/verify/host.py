@@ -138,11 +138,13 @@ def _check_dir(h: _Host, cs: CertSet) -> None:
 
 
 def _check_files(h: _Host, cs: CertSet, doc) -> None:
-    gid, group_problem = None, None
+    group, gid = None, None
     try:
-        gid = resolve_group(h.runner, doc, h.opts.group)
+        group = resolve_group(h.runner, h.fs, doc, h.opts.group)
+        gid = group.gid
+        h.add("QEMU group", PASS, f"{group.name} (gid {gid}): {group.source}")
     except QemucaError as e:
-        group_problem = str(e)
+        h.add("QEMU group", FAIL, str(e), "install libvirt's QEMU driver or give --group")
     modes = host_modes(gid if gid is not None else -1)
     for name in ALL_FILES:
         placed = cs.files[name]
@@ -162,9 +164,10 @@ def _check_files(h: _Host, cs: CertSet, doc) -> None:
         if st.uid != 0:
             problems.append(f"owner uid {st.uid}, want root")
             fixes.append(f"chown root {path}")
-        if gid is not None and st.gid != gid:
-            problems.append(f"group gid {st.gid}, want {gid} (QEMU's group)")
-            fixes.append(f"chgrp {gid} {path}")
+        if group is not None and st.gid != group.gid:
+            problems.append(f"group gid {st.gid}, want {group.gid}: QEMU runs as group {group.name} "
+                            f"({group.source}) and could not read it")
+            fixes.append(f"chgrp {group.gid} {path}")
         if st.perms != want:
             problems.append(f"mode {st.perms:04o}, want {want:04o}")
             fixes.append(f"chmod {want:04o} {path}")
@@ -179,8 +182,6 @@ def _check_files(h: _Host, cs: CertSet, doc) -> None:
             h.add(check, FAIL, f"{where}: " + "; ".join(problems), " && ".join(fixes) + f" (or {h.redeploy})")
         else:
             h.add(check, PASS, f"{where} ({st.perms:04o}, root, gid {st.gid})")
-    if group_problem:
-        h.add("files group", FAIL, group_problem, "install libvirt's QEMU driver or give --group")
 
 
 def _check_pem(h: _Host, cs: CertSet) -> None:

@@ -7,6 +7,7 @@ import os
 import sys
 
 import click
+from cryptography import x509
 
 from qemuca.cli.options import (
     days_option,
@@ -18,7 +19,13 @@ from qemuca.cli.options import (
     read_passphrase,
 )
 from qemuca.cli.output import emit_json, json_option, note, print_table
+from qemuca.errors import InvalidInput, PassphraseError
+from qemuca.hosts.fs import LocalFS, read_user_file
+from qemuca.names import subject_text
 from qemuca.pki import ca, profile
+from qemuca.pki.certinfo import MAX_PEM
+from qemuca.pki.checks import is_encrypted_pem
+from qemuca.pki.import_ca import load_foreign_ca
 
 
 def _open_ca(app, passphrase_file):
@@ -37,7 +44,6 @@ def _check_out(out):
 
 
 def _write_out(out, data: bytes):
-    from qemuca.hosts.fs import LocalFS
 
     path = os.path.abspath(out)
     try:
@@ -81,8 +87,6 @@ def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no
     like a new one (encrypted with the store's passphrase), and the audit log records
     where it came from. Hosts holding its certificates can then be adopted.
     """
-    from qemuca.errors import InvalidInput, PassphraseError
-    from qemuca.names import subject_text
 
     subject_text("--cn", common_name)  # before anything is made: the CA's name is final
     subject_text("--org", organization)
@@ -124,11 +128,6 @@ def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no
 
 def _imported_ca(cert_file, key_file, passphrase_file):
     """The CA that --import-cert/--import-key name, checked; None without them."""
-    from qemuca.errors import InvalidInput, PassphraseError
-    from qemuca.hosts.fs import read_user_file
-    from qemuca.pki.certinfo import MAX_PEM
-    from qemuca.pki.checks import is_encrypted_pem
-    from qemuca.pki.import_ca import load_foreign_ca
 
     if not cert_file and not key_file:
         if passphrase_file:
@@ -215,8 +214,6 @@ def sign_cmd(app, csr_file, host, sans, days, force, out, passphrase_file, as_js
     Extensions requested in the CSR are ignored: the QEMU profile decides them.
     The certificate is printed (PEM) unless --json or --out is given.
     """
-    from qemuca.hosts.fs import read_user_file
-    from qemuca.pki.certinfo import MAX_PEM
 
     data = read_user_file(csr_file, "CSR file", MAX_PEM)
     _check_out(out)  # before signing: a bad --out must not leave a recorded certificate behind
@@ -272,7 +269,6 @@ def crl_cmd(app, out, days, passphrase_file, as_json):
     Re-run before the next update date and redeploy it: a CRL past its next update
     is reported by 'qemuca verify'. Prints the PEM unless --out or --json is given.
     """
-    from cryptography import x509
 
     _check_out(out)  # before signing: a bad --out must not change the store
     pem = _open_ca(app, passphrase_file).write_crl(days)

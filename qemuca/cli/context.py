@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qemuca.store.index import Store
+
 
 @dataclass
 class AppContext:
@@ -16,7 +18,6 @@ class AppContext:
     def store(self):
         """Open the CA store lazily: most --help paths never need it."""
         if self._store is None:
-            from qemuca.store.index import Store
 
             self._store = Store.open(self.home)
         return self._store

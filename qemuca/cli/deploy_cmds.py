@@ -26,7 +26,10 @@ from qemuca.cli.remote import (
     select_hosts,
     ssh_options,
 )
-from qemuca.pki import profile
+from qemuca.errors import InvalidInput
+from qemuca.names import san_value
+from qemuca.ops.deploy import DeployOptions, deploy_from_store, enroll_host, refresh_host, rollback_host, run_on_host
+from qemuca.pki import ca, profile
 
 
 def host_layout_options(func):
@@ -54,7 +57,6 @@ def host_layout_options(func):
     @functools.wraps(func)
     def wrapper(*args, cert_dir, group, no_qemu_conf, qemu_conf_path, force_tls, default_dir,
                 restart, force, **kw):
-        from qemuca.ops.deploy import DeployOptions
 
         kw["opts"] = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=not no_qemu_conf,
                                    qemu_conf_path=qemu_conf_path, force_tls=force_tls,
@@ -99,9 +101,6 @@ def deploy_cmd(app, selection, ssh, opts, issue_missing, key_type, crl_only, bun
     Exit 0 when every host succeeded, 1 when any failed (see the table or --json:
     one object per host with host, result, fingerprint_sha256, restart_needed, error).
     """
-    from qemuca.errors import InvalidInput
-    from qemuca.ops.deploy import deploy_from_store, refresh_host, run_on_host
-    from qemuca.pki import ca
 
     if issue_missing and (crl_only or bundle_only):
         raise InvalidInput("--issue does not go with --crl-only or --bundle-only")
@@ -151,9 +150,6 @@ def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, p
     (modes, group, qemu.conf, --restart alike). The certificate is recorded in the
     index once it is in place; any failure leaves the host with its previous set.
     """
-    from qemuca.names import san_value
-    from qemuca.ops.deploy import enroll_host, run_on_host
-    from qemuca.pki import ca
 
     for value in sans:
         san_value(value)  # refuse a bad --san before touching any host
@@ -185,7 +181,6 @@ def rollback_cmd(app, selection, ssh, cert_dir, parallel, as_json):
     The current set becomes the previous one, so a second rollback undoes the first.
     qemu.conf is not changed.
     """
-    from qemuca.ops.deploy import rollback_host, run_on_host
 
     hosts = select_hosts(app, selection)
     connect = connector(app, ssh)

@@ -6,6 +6,8 @@ import click
 
 from qemuca.cli.options import passphrase_file_option
 from qemuca.cli.output import RESULT_STYLE, console, emit_json, json_option, note, print_checks
+from qemuca.pki import ca
+from qemuca.store import doctor
 
 
 @click.command("doctor")
@@ -35,8 +37,6 @@ def doctor_cmd(app, repair, strict, passphrase_file, as_json):
     A command killed half-way is undone when the store is next opened (by any
     command); doctor reports what was put back.
     """
-    from qemuca.pki import ca
-    from qemuca.store import doctor
 
     passphrase = ca.read_passphrase_file(passphrase_file) if passphrase_file else None
     removed = doctor.repair(app.home) if repair else []

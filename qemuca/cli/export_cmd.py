@@ -7,6 +7,10 @@ import os
 import click
 
 from qemuca.cli.output import emit_json, json_option, note
+from qemuca.hosts import install
+from qemuca.hosts.fs import LocalFS
+from qemuca.hosts.layout import EXPORT_MODES
+from qemuca.pki import ca
 
 
 @click.command("export")
@@ -27,10 +31,6 @@ def export_cmd(app, host, directory, force, as_json):
     new export switches every file at once; exporting the same set again changes
     nothing. Use it with QEMU's -object tls-creds-x509,dir=DIR.
     """
-    from qemuca.hosts import install
-    from qemuca.hosts.fs import LocalFS
-    from qemuca.hosts.layout import EXPORT_MODES
-    from qemuca.pki import ca
 
     store = app.store()
     authority = ca.CertificateAuthority(store)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import click
+from cryptography import x509
 
 from qemuca.cli.output import emit_json, json_option, print_fields, print_table, wide_option
 from qemuca.cli.tables import Column
+from qemuca.hosts.fs import read_user_file
+from qemuca.pki.certinfo import MAX_PEM, describe_certificate, describe_pem
+from qemuca.pki.profile import utcnow
+from qemuca.store.index import parse_iso
 
 
 def _days_left(not_after: str) -> int:
-    from qemuca.pki.profile import utcnow
-    from qemuca.store.index import parse_iso
 
     return (parse_iso(not_after) - utcnow()).days
 
@@ -68,9 +71,7 @@ LIST_COLUMNS = [Column("host", whole=True), Column("status", essential=True),
 @click.pass_obj
 def show_cmd(app, host_or_serial, pem, as_json):
     """Show a host's current certificate (or the one with a serial) from the index."""
-    from cryptography import x509
 
-    from qemuca.pki.certinfo import describe_certificate
 
     record = app.store().find(host_or_serial)
     if pem:
@@ -103,8 +104,6 @@ def inspect_cmd(pem_file, as_json):
     material is never printed). Exit code 1 when a certificate fails a check or a
     CSR would be refused by 'qemuca sign' (bad signature, weak key).
     """
-    from qemuca.hosts.fs import read_user_file
-    from qemuca.pki.certinfo import MAX_PEM, describe_pem
 
     items = describe_pem(read_user_file(pem_file, "PEM file", MAX_PEM), pem_file)
     # A CSR that 'qemuca sign' would refuse fails like a non-conforming certificate.

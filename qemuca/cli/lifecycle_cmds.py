@@ -23,7 +23,11 @@ from qemuca.cli.remote import (
     select_hosts,
     ssh_options,
 )
-from qemuca.pki import profile
+from qemuca.errors import Conflict, InvalidInput
+from qemuca.names import subject_text
+from qemuca.ops import lifecycle
+from qemuca.ops.deploy import DeployOptions, refresh_host, run_on_host
+from qemuca.pki import ca, profile
 
 
 def _lifecycle_command(name, verb, doc):
@@ -43,10 +47,6 @@ def _lifecycle_command(name, verb, doc):
     @click.pass_obj
     def command(app, selection, expiring_within, ssh, opts, days, key_type, parallel, passphrase_file,
                 as_json):
-        from qemuca.errors import InvalidInput
-        from qemuca.ops import lifecycle
-        from qemuca.ops.deploy import run_on_host
-        from qemuca.pki import ca
 
         if key_type and name == "renew":
             raise InvalidInput("renew keeps each host's key: use rekey for a new key type")
@@ -102,8 +102,6 @@ def ca_group():
 @click.pass_obj
 def ca_status_cmd(app, as_json):
     """Show the CAs, the rollover stage, and where each host stands."""
-    from qemuca.ops import lifecycle
-    from qemuca.pki import ca
 
     store = app.store()
     status = lifecycle.rollover_status(store, ca.CertificateAuthority(store))
@@ -144,9 +142,6 @@ def rollover_start_cmd(app, common_name, organization, key_type, days, passphras
     The new key is encrypted with the same passphrase as the current one (or not,
     when the current key is not). Next: 'qemuca deploy --bundle-only --all'.
     """
-    from qemuca.names import subject_text
-    from qemuca.ops import lifecycle
-    from qemuca.pki import ca
 
     common_name = subject_text("--cn", common_name)
     organization = subject_text("--org", organization)
@@ -186,10 +181,6 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     received the two-CA bundle: finishing then would break its migrations. If some
     hosts cannot be reached, the old CA stays until a rerun reaches them all.
     """
-    from qemuca.errors import Conflict
-    from qemuca.ops import lifecycle
-    from qemuca.ops.deploy import refresh_host, run_on_host
-    from qemuca.pki import ca
 
     store = app.store()
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
@@ -202,7 +193,6 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
     if store.revoked():
         authority.write_crl()
-    from qemuca.ops.deploy import DeployOptions
 
     opts = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=False)
     hosts = [r.host for r in store.valid()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from qemuca.cli.output import emit_json, json_option, print_table
+from qemuca.cli.tables import Column
+from qemuca.ops import monitor
 
 
 @click.command("check")
@@ -31,7 +33,6 @@ def check_cmd(app, warn_days, crit_days, crl_warn_days, as_json):
     "not_after", "days_left"}]}. Errors exit 3 or more (UNKNOWN for a monitoring
     system): bad --warn-days/--crit-days/--crl-warn-days is exit 3.
     """
-    from qemuca.ops import monitor
 
     monitor.validate_days(warn_days, crit_days, crl_warn_days)  # bad input first, then the store
     report = monitor.run_checks(app.store(), warn_days, crit_days, crl_warn_days)
@@ -41,7 +42,6 @@ def check_cmd(app, warn_days, crit_days, crl_warn_days, as_json):
     click.echo(report.summary())
     problems = report.problems()
     if problems:
-        from qemuca.cli.tables import Column
 
         print_table(f"{len(problems)} problem(s)",
                     [Column("subject", whole=True), Column("state", essential=True), "kind", "detail"],
@@ -61,7 +61,6 @@ def metrics_cmd(app, out):
     certificate counts. Run it from a timer (see scripts/systemd/) and alert on
     qemuca_metrics_generated_seconds getting old.
     """
-    from qemuca.ops import monitor
 
     store = app.store()
     if out is None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 
 import click
 
+from qemuca.errors import PassphraseError
+from qemuca.hosts.inventory import read_hosts_file
 from qemuca.hosts.layout import DEFAULT_CERT_DIR
 from qemuca.hosts.qemuconf import DEFAULT_PATH as DEFAULT_QEMU_CONF
+from qemuca.pki.ca import read_passphrase_file
 from qemuca.pki.profile import DEFAULT_HOST_KEY_TYPE, KEY_TYPES
 
 passphrase_file_option = click.option(
@@ -22,11 +27,7 @@ passphrase_file_option = click.option(
 def read_passphrase(path) -> bytes:
     """The passphrase from a file, refusing a FIFO or device first: reading one would
     block (or never end) before any mode check could help."""
-    import os
-    import stat
 
-    from qemuca.errors import PassphraseError
-    from qemuca.pki.ca import read_passphrase_file
 
     try:
         mode = os.stat(path).st_mode
@@ -39,7 +40,6 @@ def read_passphrase(path) -> bytes:
 
 def passphrase_source(path):
     """A callable giving the CA passphrase: from the file, else asked on the terminal."""
-    from qemuca.errors import PassphraseError
 
     def get() -> bytes:
         if path:
@@ -56,7 +56,6 @@ def hosts_from(args, hosts_file):
     """Host arguments plus the names in --hosts-file."""
     hosts = list(args)
     if hosts_file:
-        from qemuca.hosts.inventory import read_hosts_file
 
         hosts.extend(read_hosts_file(hosts_file))
     return hosts

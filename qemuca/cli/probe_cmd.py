@@ -6,10 +6,17 @@ import signal
 import threading
 
 import click
+from rich.table import Table
+from rich.text import Text
 
 from qemuca.cli.options import cert_dir_option, qemu_conf_option
-from qemuca.cli.output import RESULT_STYLE, emit_json, json_option, note, print_checks
+from qemuca.cli.output import RESULT_STYLE, console, emit_json, json_option, note, print_checks
 from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
+from qemuca.errors import InvalidInput, NotFound
+from qemuca.findings import FAIL
+from qemuca.names import host_name
+from qemuca.ops import probe
+from qemuca.ops.probe import Revocations, rate
 from qemuca.ops.probe.report import DEFAULT_RAM_MIB
 
 
@@ -65,8 +72,6 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
     Exit 0 when every probe passes, 1 when any fails (a host that cannot be reached is
     a failed probe), or with --strict when any warns.
     """
-    from qemuca.errors import InvalidInput
-    from qemuca.ops import probe
 
     many = matrix or pairs_file
     if matrix and pairs_file:
@@ -93,7 +98,6 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
     else:
         if selection.lists or len(selection.hosts) != 2:
             raise click.UsageError("give SRC DST (or --matrix HOST..., or --pairs FILE)")
-        from qemuca.names import host_name
 
         src, dst = (host_name(h) for h in selection.hosts)
         if src == dst:
@@ -120,8 +124,6 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
 
 def _revocations(app):
     """The CA's revocations when qemuca runs where the store is (else None: not checked)."""
-    from qemuca.errors import NotFound
-    from qemuca.ops.probe import Revocations
 
     try:
         store = app.store()
@@ -161,7 +163,6 @@ def _render_one(report) -> None:
 
 
 def _cell(report) -> str:
-    from qemuca.ops.probe import rate
 
     if report.passed:
         if not report.ram_filled_bytes:
@@ -178,11 +179,7 @@ def _render_matrix(reports, as_json: bool) -> None:
         emit_json({"hosts": hosts, "passed": passed, "failed": len(reports) - passed,
                    "pairs": [r.as_dict() for r in reports]})
         return
-    from rich.table import Table
-    from rich.text import Text
 
-    from qemuca.cli.output import console
-    from qemuca.findings import FAIL
 
     cells = {r.pair: r for r in reports}
     table = Table(title=f"Probe matrix: {passed}/{len(reports)} pairs passed (rows: source, "

@@ -9,6 +9,7 @@ import click
 from qemuca.cli.options import cert_dir_option
 from qemuca.cli.output import emit_json, json_option, note, print_fields
 from qemuca.hosts import qemuconf
+from qemuca.hosts.fs import LocalFS
 
 RESTART_HINT = ("restart libvirt for this to take effect: systemctl try-restart virtqemud "
                 "(modular daemons) or libvirtd (monolithic)")
@@ -32,7 +33,6 @@ def qemu_conf_group():
 
 
 def _local_fs():
-    from qemuca.hosts.fs import LocalFS
 
     return LocalFS()
 

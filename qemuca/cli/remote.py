@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import click
 
 from qemuca.cli.output import emit_json, print_table
+from qemuca.errors import InvalidInput
+from qemuca.hosts import ssh
+from qemuca.hosts.inventory import read_hosts_file, read_inventory
+from qemuca.hosts.ssh_config import DEFAULT_COMMAND_TIMEOUT, SshOptions, load_ssh_config
+from qemuca.names import host_name
+from qemuca.ops.fleet import run_fleet
 
 
 def ssh_options(func):
@@ -39,9 +46,7 @@ def ssh_options(func):
     @functools.wraps(func)
     def wrapper(*args, ssh_config, known_hosts, accept_new_host_key, identity, connect_timeout,
                 command_timeout, **kw):
-        import logging
 
-        from qemuca.hosts.ssh_config import DEFAULT_COMMAND_TIMEOUT, SshOptions
 
         # paramiko logs a traceback from its own thread when a connection dies during the
         # handshake (a hung host's banner timeout); qemuca reports that host in one line.
@@ -103,9 +108,6 @@ class HostSelection:
 
 def select_hosts(app, selection: HostSelection):
     """The host names a command works on, normalised, de-duplicated, in order."""
-    from qemuca.errors import InvalidInput
-    from qemuca.hosts.inventory import read_hosts_file, read_inventory
-    from qemuca.names import host_name
 
     hosts, hosts_file, inventory, limit, all_hosts = (selection.hosts, selection.hosts_file, selection.inventory,
                                                       selection.limit, selection.all_hosts)
@@ -132,8 +134,6 @@ def select_hosts(app, selection: HostSelection):
 
 def connector(app, options):
     """host -> Connection, with ssh_config read once and an inventory's addresses applied."""
-    from qemuca.hosts import ssh
-    from qemuca.hosts.ssh_config import load_ssh_config
 
     config = load_ssh_config(options.ssh_config)
 
@@ -154,7 +154,6 @@ def parallel_option(func):
 
 def run_with_progress(hosts, operation, parallel, label, quiet):
     """Run `operation` over hosts with a rich progress bar on stderr (unless quiet)."""
-    from qemuca.ops.fleet import run_fleet
 
     if quiet:
         return run_fleet(hosts, operation, parallel)

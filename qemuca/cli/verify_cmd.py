@@ -7,6 +7,12 @@ import click
 from qemuca.cli.options import cert_dir_option, group_option, qemu_conf_option
 from qemuca.cli.output import emit_json, json_option, print_checks
 from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
+from qemuca.errors import NotFound
+from qemuca.hosts.fs import LocalFS
+from qemuca.hosts.runner import LocalRunner
+from qemuca.names import host_name
+from qemuca.ops import verify
+from qemuca.ops.verify import Reference
 from qemuca.ops.verify.report import DEFAULT_PORT, DEFAULT_WARN_DAYS
 
 
@@ -57,7 +63,6 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
     host that cannot be reached is reported failed; with one host the exit code is the
     error's (8 remote, 9 host key).
     """
-    from qemuca.ops import verify
 
     if local and (pair or not selection.empty):
         raise click.UsageError("--local checks this machine: give no HOST, --pair or host list")
@@ -72,8 +77,6 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
     opts.validate()
 
     if local:
-        from qemuca.hosts.fs import LocalFS
-        from qemuca.hosts.runner import LocalRunner
 
         report = verify.verify_host(None, LocalFS(), LocalRunner(), opts)
         return _finish([report], as_json, strict)
@@ -81,7 +84,6 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
     reference = _reference(app)
     connect = connector(app, ssh)
     if pair:
-        from qemuca.names import host_name
 
         src, dst = (host_name(h) for h in pair)
         popts = verify.PairOptions(cert_dir=cert_dir, tls_destination=tls_destination,
@@ -102,8 +104,6 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
 
 def _reference(app):
     """What the store knows, when qemuca runs where the CA is (else None)."""
-    from qemuca.errors import NotFound
-    from qemuca.ops.verify import Reference
 
     try:
         store = app.store()

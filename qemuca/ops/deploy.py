@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from qemuca.errors import Conflict, NotFound, QemucaError, RemoteError
+from qemuca.errors import Conflict, NotFound, RemoteError
 from qemuca.hosts import install, layout, qemuconf
 from qemuca.hosts.hostinfo import DAEMONS, QemuGroup, resolve_group
 from qemuca.hosts.layout import CA_BUNDLE, CRL, SERVER_CERT, SERVER_KEY, CredentialSet, Modes, host_modes
+from qemuca.ops.fleet import connected, failure
+from qemuca.pki.ca import require_host
 from qemuca.pki.checks import fingerprint, issued_by, key_matches
 
 
@@ -70,9 +73,6 @@ def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
     those bytes rather than reading them over the network again. A key made on the host
     is compared there (public key out of `openssl pkey`), so it never travels.
     """
-    from cryptography.hazmat.primitives import serialization
-
-
     cert = x509.load_pem_x509_certificate(creds.files[SERVER_CERT])
     if fingerprint(cert) != creds.fingerprint_sha256:
         raise install.InstallError(f"{cert_dir}/{SERVER_CERT} is not the certificate deployed")
@@ -269,8 +269,6 @@ def deploy_from_store(conn, fs, authority, host: str, opts: DeployOptions) -> Ho
     An enrolled host's key is not in the store: the key already on the host is reused
     (copied there; check_landed proves it matches before anything is kept).
     """
-    from qemuca.pki.ca import require_host
-
     record = require_host(authority.store, host)
     key = authority.store.key_pem(record.serial)
     where = placement(conn, fs, opts)
@@ -325,17 +323,8 @@ def rollback_host(conn, fs, cert_dir: str) -> HostReport:
 
 def run_on_host(host: str, connect: Callable, work: Callable) -> HostReport:
     """Connect, run `work(conn, fs)`, always close; any error becomes a failed report."""
-    from qemuca.hosts.remotefs import RemoteFS
-
     try:
-        with connect(host) as conn:
-            return work(conn, RemoteFS(conn))
-    except QemucaError as e:
-        return HostReport(host, error=str(e))
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        return HostReport(host, error=f"{host}: {e.strerror or e}{where}")
-    except ValueError as e:
-        return HostReport(host, error=f"{host}: {e}")
-    except Exception as e:  # e.g. paramiko.SFTPError: this host fails, the fleet goes on
-        return HostReport(host, error=f"{host}: {type(e).__name__}: {e}")
+        with connected(connect, host) as [(conn, fs)]:
+            return work(conn, fs)
+    except Exception as e:
+        return HostReport(host, error=failure(host, e)[0])

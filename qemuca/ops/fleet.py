@@ -2,13 +2,18 @@
 
 One host's failure never stops the others: the operation returns a report for every
 host (failures included). Progress goes to a callback the CLI supplies, so the core
-never knows about rich.
+never knows about rich. `connected` and `failure` are the one way every command
+connects to its hosts and turns what went wrong there into its report's line.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Callable, List, Optional, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+from qemuca.errors import QemucaError
+from qemuca.hosts.remotefs import RemoteFS
 
 R = TypeVar("R")
 MAX_PARALLEL = 256
@@ -28,3 +33,30 @@ def run_fleet(hosts: Sequence[str], operation: Callable[[str], R], parallel: int
             if on_done is not None:
                 on_done(host, results[host])
     return [results[h] for h in hosts]
+
+
+@contextmanager
+def connected(connect: Callable, *hosts: str) -> Iterator[List[Tuple[object, RemoteFS]]]:
+    """(connection, file system) for each host, in order; all closed afterwards."""
+    conns = []
+    try:
+        for host in hosts:
+            conns.append(connect(host))
+        yield [(conn, RemoteFS(conn)) for conn in conns]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def failure(host: str, error: BaseException) -> Tuple[str, Optional[int]]:
+    """(one line, exit code or None) for what went wrong on a host, the same in every
+    report: qemuca's errors as they are, a file error with its path, anything else
+    (e.g. paramiko.SFTPError) by its type, so one host's surprise never stops a fleet."""
+    if isinstance(error, QemucaError):
+        return str(error), error.exit_code
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{host}: {error.strerror or error}{where}", None
+    if isinstance(error, ValueError):
+        return f"{host}: {error}", None
+    return f"{host}: {type(error).__name__}: {error}", None

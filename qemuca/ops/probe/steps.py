@@ -17,6 +17,7 @@ from qemuca.hosts import qemuconf
 from qemuca.hosts.certdir import read_certs
 from qemuca.hosts.hostinfo import host_name as host_name_of
 from qemuca.hosts.layout import CA_BUNDLE, CLIENT_CERT, SERVER_CERT
+from qemuca.ops.fleet import failure
 from qemuca.ops.probe.diagnose import Diagnosis
 from qemuca.ops.probe.qmp import (
     MAX_BANDWIDTH,
@@ -68,11 +69,8 @@ def probe_pair(src: str, dst: str, connect: Callable, opts: ProbeOptions = Probe
             e, RemoteError) else ""
         report.findings.append(Finding("connection" if isinstance(e, RemoteError) else "probe",
                                        FAIL, str(e), fix, label=label))
-    except OSError as e:
-        report.error = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
-        report.findings.append(Finding("probe", FAIL, report.error, label="error"))
     except Exception as e:  # one pair's surprise must not stop a matrix
-        report.error = f"{type(e).__name__}: {e}"
+        report.error = failure(f"{src} -> {dst}", e)[0]
         report.findings.append(Finding("probe", FAIL, report.error, label="error"))
     finally:
         stop_all(qemus)

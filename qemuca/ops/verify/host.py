@@ -32,7 +32,7 @@ from qemuca.hosts.layout import (
     host_modes,
 )
 from qemuca.hosts.procfs import proc_start
-from qemuca.hosts.remotefs import RemoteFS
+from qemuca.ops.fleet import connected, failure
 from qemuca.ops.verify.report import CRL_WARN_DAYS, HostReport, Reference, VerifyOptions, unreachable
 from qemuca.pki import profile
 from qemuca.pki.checks import (
@@ -484,9 +484,7 @@ def verify_remote(host: str, connect: Callable, opts: VerifyOptions = VerifyOpti
                   reference: Optional[Reference] = None, now: Optional[dt.datetime] = None) -> HostReport:
     """Connect, verify, close: an unreachable host or a lost connection is a failed report."""
     try:
-        with connect(host) as conn:
-            return verify_host(host, RemoteFS(conn), conn, opts, reference, now)
-    except QemucaError as e:
-        return unreachable(host, e)
-    except OSError as e:
-        return unreachable(host, e)
+        with connected(connect, host) as [(conn, fs)]:
+            return verify_host(host, fs, conn, opts, reference, now)
+    except Exception as e:
+        return unreachable(host, *failure(host, e))

@@ -8,7 +8,6 @@ import datetime as dt
 import ipaddress
 from typing import Callable, List, Optional, Sequence
 
-from qemuca.errors import QemucaError
 from qemuca.findings import FAIL, PASS, SKIP, WARN, Finding
 from qemuca.hosts.certdir import CertSet, read_set
 from qemuca.hosts.layout import (
@@ -19,10 +18,10 @@ from qemuca.hosts.layout import (
     SERVER_CERT,
     SERVER_KEY,
 )
-from qemuca.hosts.remotefs import RemoteFS
+from qemuca.ops.fleet import connected, failure
 from qemuca.ops.verify.handshake import handshake
 from qemuca.ops.verify.host import host_name_of
-from qemuca.ops.verify.report import PairOptions, PairReport, Reference, Side
+from qemuca.ops.verify.report import CONNECTION_FIX, PairOptions, PairReport, Reference, Side
 from qemuca.pki import profile
 from qemuca.pki.checks import (
     bundle_problems,
@@ -168,21 +167,10 @@ def _ip_equal(ip, text: str) -> bool:
 def verify_pair_remote(src: str, dst: str, connect: Callable, opts: PairOptions = PairOptions(),
                        reference: Optional[Reference] = None, now: Optional[dt.datetime] = None) -> PairReport:
     """Connect to both hosts (an unreachable one makes the report an error)."""
-    conns = []
     try:
-        for host in (src, dst):
-            try:
-                conns.append(connect(host))
-            except QemucaError as e:
-                return PairReport(src, dst, opts.tls_destination,
-                                  [Finding("connection", FAIL, str(e), "check the host, ssh_config and known_hosts")],
-                                  error=str(e), exit_code=e.exit_code)
-        a, b = (Side(h, RemoteFS(c), c) for h, c in zip((src, dst), conns))
-        try:
-            return verify_pair(a, b, opts, reference, now)
-        except QemucaError as e:
-            return PairReport(src, dst, opts.tls_destination, [Finding("connection", FAIL, str(e))],
-                              error=str(e), exit_code=e.exit_code)
-    finally:
-        for c in conns:
-            c.close()
+        with connected(connect, src, dst) as [(conn_a, fs_a), (conn_b, fs_b)]:
+            return verify_pair(Side(src, fs_a, conn_a), Side(dst, fs_b, conn_b), opts, reference, now)
+    except Exception as e:
+        text, code = failure(f"{src} -> {dst}", e)
+        return PairReport(src, dst, opts.tls_destination, [Finding("connection", FAIL, text, CONNECTION_FIX)],
+                          error=text, exit_code=code)

@@ -60,12 +60,9 @@ class PairReport(Outcome):
 CONNECTION_FIX = "check the host, ssh_config and known_hosts"
 
 
-def unreachable(host: str, error: Exception) -> HostReport:
-    """The report of a host that could not be reached or was lost on the way."""
-    code = getattr(error, "exit_code", None)
-    text = str(error)
-    if isinstance(error, OSError):
-        text = f"{host}: {error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+def unreachable(host: str, text: str, code: Optional[int]) -> HostReport:
+    """The report of a host that could not be reached or was lost on the way
+    (text and code from ops.fleet.failure)."""
     return HostReport(host, [Finding("connection", FAIL, text, CONNECTION_FIX)], error=text, exit_code=code)
 
 

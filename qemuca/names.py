@@ -143,7 +143,10 @@ def host_port(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
-def san_value(value: str) -> Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]:
+SanValue = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def san_value(value: str) -> SanValue:
     """A --san value: an IP address (for an iPAddress SAN; IPv6 maybe in brackets) or a
     DNS name. Only an address a host can be reached at: no zone index (a certificate
     cannot hold one), no unspecified or multicast address."""

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from qemuca.errors import InvalidInput
 from qemuca.hosts.fs import FileStat
@@ -95,7 +96,7 @@ class CertSet:
     files: Dict[str, Placed]
     bundle: List[x509.Certificate] = field(default_factory=list)
     certs: Dict[str, x509.Certificate] = field(default_factory=dict)
-    keys: Dict[str, object] = field(default_factory=dict)
+    keys: Dict[str, PrivateKeyTypes] = field(default_factory=dict)
     crls: List[x509.CertificateRevocationList] = field(default_factory=list)
     parse_errors: Dict[str, str] = field(default_factory=dict)
 
@@ -135,7 +136,7 @@ def read_set(fs, cert_dir: str) -> CertSet:
     return cs
 
 
-def load_key(data: bytes, name: str):
+def load_key(data: bytes, name: str) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:

@@ -20,7 +20,7 @@ import posixpath
 import re
 import string
 from dataclasses import dataclass
-from typing import Callable, FrozenSet, List, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 from qemuca.errors import ConfigSyntaxError, InvalidInput, NotFound
 from qemuca.hosts.layout import DEFAULT_CERT_DIR
@@ -99,7 +99,7 @@ class Document:
     def section(self) -> Optional[Tuple[int, int]]:
         """(begin, end) lines of our section, or None."""
         lines = self.lines()
-        found = {BEGIN_MARKER: [], END_MARKER: []}
+        found: Dict[str, List[int]] = {BEGIN_MARKER: [], END_MARKER: []}
         for n in sorted(self.comment_lines):
             bare = lines[n - 1].rstrip()
             if bare in found:
@@ -281,7 +281,7 @@ class TlsSettings:
 
     def values(self) -> List[Tuple[str, Union[str, int]]]:
         """(key, value) in section order."""
-        out = [(CERT_DIR, self.cert_dir), (VERIFY, int(self.verify))]
+        out: List[Tuple[str, Union[str, int]]] = [(CERT_DIR, self.cert_dir), (VERIFY, int(self.verify))]
         if self.force is not None:
             out.append((FORCE, int(self.force)))
         if self.default_dir:
@@ -429,7 +429,7 @@ def resolve_migration_tls(doc: Document, dir_exists: Callable[[str], bool]) -> M
     warnings: List[ConfWarning] = []
     mig, dflt = _typed(doc, CERT_DIR, "string"), _typed(doc, DEFAULT_DIR, "string")
     for s in (mig, dflt):
-        if s is not None and not dir_exists(s.value):
+        if s is not None and not dir_exists(str(s.value)):
             warnings.append(ConfWarning(CERT_DIR_MISSING,
                                         f"{s.name} {s.value} does not exist: libvirt refuses to start"))
     if mig is not None:

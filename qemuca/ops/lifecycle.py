@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from qemuca.errors import Conflict
 from qemuca.hosts.layout import CredentialSet
+from qemuca.names import SanValue
 from qemuca.ops.deploy import DeployOptions, HostReport, enroll_host, placement, staged_key_copy, switch_in
 from qemuca.pki import ca as ca_mod
 from qemuca.pki import profile
@@ -32,7 +33,7 @@ from qemuca.pki.checks import fingerprint
 from qemuca.store.index import Store, iso
 
 
-def _extra_sans(record) -> List[str]:
+def _extra_sans(record) -> List[SanValue]:
     """The SANs beyond the host name, kept across renewals."""
     return [ca_mod.san_value(s) for s in record.sans if s != record.host]
 
@@ -126,7 +127,7 @@ def rollover_status(store: Store, authority) -> dict:
                   "old" if authority.previous and rec.ca_fingerprint == authority.previous.fingerprint
                   else "current")
         hosts.append({"host": rec.host, "issued_by": issuer,
-                      "two_ca_bundle": bool(state) and bundles.get(rec.host) == state.get("two_ca_bundle_sha256"),
+                      "two_ca_bundle": state is not None and bundles.get(rec.host) == state.get("two_ca_bundle_sha256"),
                       "deployed_current": deployed.get(rec.host, (None,))[0] == rec.fingerprint_sha256})
     cas = [{"role": "current" if s is authority.current else "previous", "fingerprint_sha256": s.fingerprint,
             "subject": s.cert.subject.rfc4514_string(), "not_after": iso(s.cert.not_valid_after_utc)}

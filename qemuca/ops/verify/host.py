@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Tuple
 from cryptography.hazmat.primitives import serialization
 
 from qemuca.errors import InvalidInput, NotFound, QemucaError
-from qemuca.findings import FAIL, PASS, SKIP, WARN, Finding
+from qemuca.findings import FAIL, PASS, SKIP, WARN, Finding, Result
 from qemuca.hosts import qemuconf
 from qemuca.hosts.certdir import CertSet, dirs_between, read_certs, read_set
 from qemuca.hosts.hostinfo import DAEMON_NAMES, host_name, resolve_group
@@ -64,7 +64,7 @@ class _Host:
         self.reissue = (f"qemuca issue --force {name} && qemuca deploy {name}" if reference is not None
                         else "issue a new certificate with qemuca and deploy it")
 
-    def add(self, check: str, result: str, detail: str, fix: str = "") -> None:
+    def add(self, check: str, result: Result, detail: str, fix: str = "") -> None:
         self.findings.append(Finding(check, result, detail, fix if result in (WARN, FAIL) else ""))
 
 
@@ -110,7 +110,7 @@ def verify_host(host: Optional[str], fs, runner, opts: VerifyOptions = VerifyOpt
         _check_leaves(h, cs, hostname)
         _check_crl(h, cs)
         if reference is not None:
-            _check_store(h, cs)
+            _check_store(h, cs, reference)
         _check_separation(h, cs)
     _check_qemu_conf(h, doc, doc_error)
     _check_daemon(h, doc)
@@ -158,6 +158,7 @@ def _check_files(h: _Host, cs: CertSet, doc) -> None:
                   f"make {name} a file (or a link) inside {cs.cert_dir}: {h.redeploy}")
             continue
         st, path = placed.stat, placed.resolved
+        assert st is not None and path is not None  # read_placed sets both with the data
         where = path if path == placed.path else f"{placed.path} -> {path}"
         problems, fixes = [], []
         want = modes.of(name)
@@ -300,8 +301,7 @@ def _check_crl(h: _Host, cs: CertSet) -> None:
             h.add(f"{label} next update", PASS, f"{nxt.isoformat()}")
 
 
-def _check_store(h: _Host, cs: CertSet) -> None:
-    ref = h.reference
+def _check_store(h: _Host, cs: CertSet, ref: Reference) -> None:
     cert = cs.certs.get(SERVER_CERT)
     names = " and ".join(f"'{cn_of(c)}' ({_short(fingerprint(c))})" for c in ref.trusted)
     problems = []
@@ -358,9 +358,9 @@ def _check_store(h: _Host, cs: CertSet) -> None:
     if ref.crls:
         store_revoked = {(crl.issuer.public_bytes(), e.serial_number) for crl in ref.crls for e in crl}
         host_revoked = {(crl.issuer.public_bytes(), e.serial_number) for crl in cs.crls for e in crl}
-        missing = store_revoked - host_revoked
-        if missing:
-            h.add("store CRL", FAIL, f"{len(missing)} certificate(s) revoked by the CA are missing from "
+        unrevoked = store_revoked - host_revoked
+        if unrevoked:
+            h.add("store CRL", FAIL, f"{len(unrevoked)} certificate(s) revoked by the CA are missing from "
                   f"the host's {CRL}: it still accepts migrations from them", h.redeploy)
         else:
             h.add("store CRL", PASS, f"the host's {CRL} holds every revocation of the CA's CRL"

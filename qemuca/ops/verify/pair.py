@@ -97,7 +97,7 @@ def verify_pair(src: Side, dst: Side, opts: PairOptions = PairOptions(),
         issuer = issuer_in(client, d.bundle)
         rows.append(_trust_check("destination trusts source", client, issuer, src.name, dst.name))
         why = revoked_in(client, d.crls, issuer)
-        stale = [c for c in d.crls if (c.next_update_utc or now) < now]
+        stale = [update for c in d.crls if (update := c.next_update_utc) is not None and update < now]
         if why:
             rows.append(Finding("source not revoked (destination's CRL)", FAIL,
                               f"{src.name}'s certificate is {why} in {dst.name}'s {CRL}",
@@ -105,7 +105,7 @@ def verify_pair(src: Side, dst: Side, opts: PairOptions = PairOptions(),
         elif stale:
             rows.append(Finding("source not revoked (destination's CRL)", WARN,
                               f"not revoked, but {dst.name}'s {CRL} is stale (next update "
-                              f"{stale[0].next_update_utc.isoformat()}): QEMU still uses it; later "
+                              f"{stale[0].isoformat()}): QEMU still uses it; later "
                               "revocations are unknown there", f"qemuca crl && qemuca deploy {dst.name}"))
         else:
             rows.append(Finding("source not revoked (destination's CRL)", PASS,
@@ -135,6 +135,8 @@ def verify_pair(src: Side, dst: Side, opts: PairOptions = PairOptions(),
     if opts.handshake:
         if any(c.result == FAIL for c in rows if " files " in f" {c.check} "):
             rows.append(Finding("TLS handshake", SKIP, "not tried: files are missing or unreadable"))
+        elif not name:
+            rows.append(Finding("TLS handshake", SKIP, "not tried: the destination's name is unknown"))
         else:
             rows.append(handshake(src, dst, name, opts))
     return report

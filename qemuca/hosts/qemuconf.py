@@ -358,7 +358,24 @@ def apply_tls(doc: Document, settings: TlsSettings) -> Document:
             lines[-1] += eol
             block[-1] = block[-1][:-len(eol)]
     lines[at:at] = block
-    return _reparse(lines, doc.path)
+    result = _reparse(lines, doc.path)
+    _check_ours_first(result, keys)
+    return result
+
+
+def _check_ours_first(doc: Document, keys) -> None:
+    """libvirt uses the first occurrence of a key: after an edit it must be ours. A line
+    we disabled can still hide a live statement, e.g. after a bare carriage return
+    (libvirt ends a line there as well), so the result is checked as libvirt reads it."""
+    section = doc.section()
+    for key in sorted(keys):
+        first = doc.first(key)
+        if first is not None and (section is None or not section[0] < first.line < section[1]):
+            raw = doc.lines()[first.line - 1]
+            why = (" (a carriage return inside the line starts a new one for libvirt)"
+                   if "\r" in raw.rstrip("\r\n") else "")
+            raise InvalidInput(f"{doc.path}:{first.line}: libvirt would still read {key} from this line"
+                               f"{why}, before qemuca's section; fix the line by hand and retry")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ the augeas lens libvirtd_qemu.aug (augtool) and the daemon's virconf parser (lib
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,28 @@ def test_debian_stock_file_documents_libvirt_qemu_as_the_default(stock):
     assert doc.documented_default("user")[0] == "libvirt-qemu"
     applied = qc.apply_tls(doc, qc.TlsSettings(cert_dir="/etc/pki/qemu", verify=True))
     assert applied.documented_default("group") == doc.documented_default("group")  # our edit keeps it
+
+
+@pytest.mark.parametrize("text", [
+    b"# c\n# old\rmigrate_tls_x509_verify = 0\n",
+    b"#\rmigrate_tls_x509_cert_dir = \"/tmp/evil\"\n",
+    b"# a\r\n# b\rmigrate_tls_x509_verify = 0\r\n",
+])
+def test_a_statement_after_a_bare_cr_is_refused_as_libvirt_reads_it(tmp_path, text):
+    """libvirt ends a line at a bare CR too: the statement after it is live. apply must not
+    exit 0 while libvirt would still read that value first; the file is left as it was."""
+    path = tmp_path / "qemu.conf"
+    path.write_bytes(text)
+    libvirt = virconf_read(str(path), STRINGS, BOOLS)
+    assert libvirt.error is None
+    assert libvirt.values[qc.CERT_DIR] == "/tmp/evil" or libvirt.values[qc.VERIFY] is False
+    proc = qemuca("qemu-conf", "apply", "--file", str(path))
+    assert proc.returncode == 3, proc.stderr
+    assert "carriage return" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert path.read_bytes() == text and list(tmp_path.iterdir()) == [path]
+    shown = qemuca("qemu-conf", "show", "--file", str(path), "--json")
+    assert shown.returncode == 0, shown.stderr  # show tells what libvirt reads
+    got = json.loads(shown.stdout)
+    assert (got["cert_dir"]["value"], got["verify"]["value"]) == (
+        libvirt.values[qc.CERT_DIR] or "/etc/pki/qemu", libvirt.values[qc.VERIFY] is not False)

@@ -22,6 +22,11 @@ def printable(text: str) -> str:
     return "".join(map(_escaped, text))
 
 
+def printable_lines(text: str) -> str:
+    """Like printable, but line breaks stay (a diff, a multi-line note)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def one_line(text: str) -> str:
     """Like printable, but a newline becomes a space: for one-line messages."""
     return "".join(" " if c == "\n" else _escaped(c) for c in text)

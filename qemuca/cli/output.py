@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from qemuca.text import printable, printable_lines
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 wide_option = click.option("--wide", "-w", is_flag=True,
                            help="Show every column (serials, fingerprints...), however wide; "
@@ -22,8 +24,14 @@ def emit_json(data) -> None:
 
 
 def note(message: str) -> None:
-    """Informational line for people; stderr, so stdout stays parseable."""
-    click.echo(message, err=True)
+    """Informational line for people; stderr, so stdout stays parseable. It may quote a
+    host or a file: control characters are shown escaped."""
+    click.echo(printable_lines(message), err=True)
+
+
+def say(message: str) -> None:
+    """A line of a command's output for people (stdout), escaped as note() is."""
+    click.echo(printable_lines(message))
 
 
 def console(stderr: bool = False):
@@ -74,8 +82,8 @@ def print_checks(title: str, result: str, checks) -> None:
     for col in ("check", "result", "detail"):
         table.add_column(col, overflow="fold")
     for c in checks:
-        detail = Text(c.detail)
+        detail = Text(printable(c.detail))
         if c.fix:
-            detail.append(f"\nfix: {c.fix}", style="italic")
-        table.add_row(Text(c.check), Text(c.result, style=RESULT_STYLE[c.result]), detail)
+            detail.append(f"\nfix: {printable(c.fix)}", style="italic")
+        table.add_row(Text(printable(c.check)), Text(c.result, style=RESULT_STYLE[c.result]), detail)
     console().print(table)

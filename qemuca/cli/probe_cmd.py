@@ -18,6 +18,7 @@ from qemuca.names import host_name
 from qemuca.ops import probe
 from qemuca.ops.probe import Revocations, rate
 from qemuca.ops.probe.report import DEFAULT_RAM_MIB
+from qemuca.text import printable
 
 
 @click.command("probe")
@@ -203,8 +204,8 @@ def _render_matrix(reports, as_json: bool) -> None:
             detail.add_column(col, overflow="fold")
         for r in failed:
             for f in (f for f in r.findings if f.result is FAIL):
-                text = Text(f.detail)
+                text = Text(printable(f.detail))
                 if f.fix:
-                    text.append(f"\nfix: {f.fix}", style="italic")
+                    text.append(f"\nfix: {printable(f.fix)}", style="italic")
                 detail.add_row(f"{r.source} -> {r.destination}", f.check, text)
         out.print(detail)

@@ -10,6 +10,7 @@ from qemuca.cli.options import cert_dir_option
 from qemuca.cli.output import emit_json, json_option, note, print_fields
 from qemuca.hosts import qemuconf
 from qemuca.hosts.fs import LocalFS
+from qemuca.text import printable_lines
 
 RESTART_HINT = ("restart libvirt for this to take effect: systemctl try-restart virtqemud "
                 "(modular daemons) or libvirtd (monolithic)")
@@ -46,7 +47,7 @@ def _report(edit: qemuconf.FileEdit, dry_run: bool, as_json: bool, **extra) -> N
                    "restart_required": restart, **({"diff": diff} if dry_run else {}), **extra})
         return
     if dry_run:
-        click.echo(diff, nl=False)
+        click.echo(printable_lines(diff), nl=False)
         note(f"dry run: {'would change' if edit.changed else 'unchanged'} {edit.path}; nothing written")
     elif not edit.changed:
         click.echo(f"unchanged: {edit.path}")

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import click
 
-from qemuca.cli.output import emit_json, print_table
+from qemuca.cli.output import emit_json, print_table, say
 from qemuca.errors import InvalidInput
 from qemuca.hosts import ssh
 from qemuca.hosts.inventory import read_hosts_file, read_inventory
@@ -178,7 +178,7 @@ def render_reports(reports, as_json, title):
                       r.error or "") for r in reports])
         for r in reports:
             if r.qemu_conf_diff and r.result == "would-change":
-                click.echo(f"--- {r.host}: qemu.conf\n{r.qemu_conf_diff}")
+                say(f"--- {r.host}: qemu.conf\n{r.qemu_conf_diff}")
             for action in r.actions if r.result == "would-change" else ():
-                click.echo(f"{r.host}: would {action}")
+                say(f"{r.host}: would {action}")
     return 1 if any(r.result == "failed" for r in reports) else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from qemuca.cli.options import cert_dir_option, group_option, qemu_conf_option
-from qemuca.cli.output import emit_json, json_option, print_checks
+from qemuca.cli.output import emit_json, json_option, note, print_checks
 from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
 from qemuca.errors import NotFound
 from qemuca.hosts.fs import LocalFS
@@ -14,6 +14,7 @@ from qemuca.names import host_name
 from qemuca.ops import verify
 from qemuca.ops.verify import Reference
 from qemuca.ops.verify.report import DEFAULT_PORT, DEFAULT_WARN_DAYS
+from qemuca.text import one_line
 
 
 @click.command("verify")
@@ -125,7 +126,7 @@ def _finish(reports, as_json, strict):
 
 def _exit(reports, strict):
     if len(reports) == 1 and reports[0].error:
-        click.echo(f"qemuca: error: {reports[0].error}", err=True)
+        note(f"qemuca: error: {one_line(reports[0].error)}")
         return reports[0].exit_code or 1
     return 1 if any(r.failed(strict) for r in reports) else 0
 

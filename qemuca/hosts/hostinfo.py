@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from qemuca.errors import NotFound
+from qemuca import names
+from qemuca.errors import InvalidInput, NotFound
 from qemuca.hosts import qemuconf
+from qemuca.text import printable
 
 # libvirt's daemons that read qemu.conf: modular virtqemud first, then monolithic libvirtd.
 DAEMONS = (("virtqemud", "/usr/sbin/virtqemud"), ("libvirtd", "/usr/sbin/libvirtd"))
@@ -27,13 +29,26 @@ class HostName:
 
 
 def host_name(runner) -> HostName:
+    """What libvirt announces; output that is not a host name counts as a failure (it is
+    shown, escaped, in the problem, never used as a name)."""
     result = runner.run_command("hostname_f")
-    name = result.text.strip()
-    if result.ok and name:
+    name = _valid_name(result.text.strip()) if result.ok else None
+    if name is not None:
         return HostName(name, True)
-    problem = (result.stderr.decode("utf-8", "replace").strip().splitlines() or [f"exit {result.rc}"])[0]
+    if result.ok:
+        problem = f"it printed {printable(result.text.strip()[:80])!r}, not a host name"
+    else:
+        problem = printable((result.stderr.decode("utf-8", "replace").strip().splitlines()
+                             or [f"exit {result.rc}"])[0][:200])
     plain = runner.run(["hostname"])
-    return HostName(plain.text.strip() if plain.ok and plain.text.strip() else None, False, problem)
+    return HostName(_valid_name(plain.text.strip()) if plain.ok else None, False, problem)
+
+
+def _valid_name(text: str) -> Optional[str]:
+    try:
+        return names.host_name(text) if text else None
+    except InvalidInput:
+        return None
 
 
 @dataclass(frozen=True)

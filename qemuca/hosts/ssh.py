@@ -38,6 +38,11 @@ from qemuca.hosts.ssh_config import (
 )
 
 MAX_JUMPS = 8
+# What a command may print: every command qemuca runs prints a line or a small PEM, so
+# more is a hostile or broken host (e.g. `hostname -f` printing 300 MB of NULs), refused
+# before it fills memory.
+MAX_STDOUT = 1 << 20
+MAX_STDERR = 64 << 10
 
 # Programs the tool runs on hosts. Anything else is refused before it leaves this process.
 PROGRAMS = frozenset({
@@ -247,8 +252,10 @@ class Connection:
                 while True:
                     while chan.recv_ready():
                         out += chan.recv(65536)
+                        self._within_caps(argv[0], out, err)
                     while chan.recv_stderr_ready():
                         err += chan.recv_stderr(65536)
+                        self._within_caps(argv[0], out, err)
                     if chan.eof_received or chan.closed:
                         break
                     left = deadline - time.monotonic()
@@ -257,8 +264,10 @@ class Connection:
                     select.select([chan], [], [], min(left, 1.0))
                 while chan.recv_ready():  # data that came in with the EOF
                     out += chan.recv(65536)
+                    self._within_caps(argv[0], out, err)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
+                    self._within_caps(argv[0], out, err)
                 if not chan.status_event.wait(max(deadline - time.monotonic(), 0)):
                     raise socket.timeout()
                 result = RunResult(chan.recv_exit_status(), bytes(out), bytes(err))
@@ -270,6 +279,12 @@ class Connection:
             first = (result.stderr.decode("utf-8", "replace").strip().splitlines() or [""])[0]
             raise RemoteError(f"{self.name}: {argv[0]} failed (exit {result.rc})" + (f": {first}" if first else ""))
         return result
+
+    def _within_caps(self, program: str, out: bytearray, err: bytearray) -> None:
+        for data, cap, stream in ((out, MAX_STDOUT, "output"), (err, MAX_STDERR, "error output")):
+            if len(data) > cap:
+                raise RemoteError(f"{self.name}: {program} printed more than {cap} bytes of {stream}: "
+                                  "refused (a broken or hostile host?)")
 
     def run_command(self, name: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None,
                     check: bool = False, **args: str) -> RunResult:

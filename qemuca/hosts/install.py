@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from qemuca.errors import Conflict, NotFound, QemucaError
+from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError
+from qemuca.hosts.certdir import resolve_inside
 from qemuca.hosts.fs import FS, TEMP_MARK
 from qemuca.hosts.layout import ALL_FILES, CLIENT_LINKS, KEY_FILES, SERVER_KEY, CredentialSet, Modes
 
@@ -191,7 +192,10 @@ def plan(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes) -> InstallRe
 
 
 def prepare(fs: FS, cert_dir: str, modes: Modes) -> CertDir:
-    """The cert dir, created when missing."""
+    """The cert dir, created when missing; on a host (root-owned placement) refused when
+    it or a directory above it could be changed by someone other than root."""
+    if modes.uid == 0:
+        check_secure(fs, posixpath.dirname(posixpath.normpath(cert_dir)))
     st = fs.stat(cert_dir)
     if st is None:
         fs.makedirs(cert_dir, modes.directory)
@@ -199,7 +203,31 @@ def prepare(fs: FS, cert_dir: str, modes: Modes) -> CertDir:
             fs.chown(cert_dir, modes.uid, 0)
     elif not st.is_dir:
         raise Conflict(f"{cert_dir} exists and is not a directory")
-    return CertDir(fs, cert_dir)
+    target = CertDir(fs, cert_dir)
+    if modes.uid == 0:
+        for path in (cert_dir, target.state, target.sets):
+            check_secure(fs, path, parents=False)
+    return target
+
+
+def check_secure(fs: FS, path: str, parents: bool = True) -> None:
+    """Refuse a directory (and, with `parents`, each one above it) that is not owned by
+    root or is writable by group or others: whoever can write there can swap the links
+    QEMU follows, or plant one to a root-only file (the rule verify applies too). A
+    root-owned sticky directory (/tmp) is fine: nobody else may rename what root put there."""
+    cur = posixpath.normpath(path)
+    while True:
+        st = fs.stat(cur)
+        if st is not None:
+            problems = ([f"owned by uid {st.uid}"] if st.uid != 0 else []) + (
+                [f"mode {st.perms:04o} (writable by group or others)"]
+                if st.perms & 0o022 and not (st.perms & 0o1000 and st.uid == 0) else [])  # sticky /tmp: fine
+            if problems:
+                raise InvalidInput(f"{cur} is {' and '.join(problems)}: anyone who can write there could "
+                                   f"swap the files QEMU reads; fix it first: chown root {cur} && chmod go-w {cur}")
+        if not parents or cur == "/":
+            return
+        cur = posixpath.dirname(cur)
 
 
 def make_staging(fs: FS, cert_dir: str, modes: Modes) -> str:
@@ -304,12 +332,22 @@ def _adopt(target: CertDir, stamp: str) -> str:
     fs = target.fs
     set_id = "adopted-" + stamp.replace(":", "").replace("-", "")
     directory = posixpath.join(target.sets, set_id)
-    fs.makedirs(directory, 0o755)
-    for name in ALL_FILES:
-        path = posixpath.join(target.path, name)
-        st = fs.stat(path)
+    sources = {}
+    for name in ALL_FILES:  # resolved before anything is copied: a planted link is refused
+        if fs.stat(posixpath.join(target.path, name), follow=False) is None:
+            continue
+        path, why = resolve_inside(fs, target.path, name)
+        if path is None and why is not None and why.startswith("missing"):
+            continue  # a dangling link: QEMU sees no file there either
+        if path is None:
+            raise InvalidInput(f"{target.path}/{name} {why}: qemuca never copies such a file into a set "
+                               "QEMU's group can read; remove it (or make it a file in the dir) and retry")
+        st = fs.stat(path, follow=False)
         if st is not None and st.is_file:
-            fs.copy(path, posixpath.join(directory, name))
+            sources[name] = path
+    fs.makedirs(directory, 0o755)
+    for name, path in sources.items():
+        fs.copy(path, posixpath.join(directory, name))
     return set_id
 
 

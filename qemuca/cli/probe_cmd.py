@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from types import FrameType
+from typing import Callable, Dict, Optional, Union
 
 import click
 from rich.table import Table
@@ -134,11 +136,16 @@ def _revocations(app):
     return Revocations.from_store(store)
 
 
+# What signal.signal() takes and gives back: a handler, SIG_DFL/SIG_IGN, or None.
+_Handler = Union[Callable[[int, Optional[FrameType]], object], int, signal.Handlers, None]
+
+
 class _cancel_on_signals:
     """Ctrl-C / SIGTERM: tell every probe to stop (each cleans up its hosts), then exit 130."""
 
     def __init__(self, cancel: threading.Event):
-        self.cancel, self.saved = cancel, {}
+        self.cancel = cancel
+        self.saved: Dict[signal.Signals, _Handler] = {}
 
     def __enter__(self):
         def handler(signum, frame):

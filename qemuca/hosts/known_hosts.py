@@ -17,7 +17,7 @@ import re
 import stat as stat_mod
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NoReturn, Optional, Sequence, Tuple
 
 import paramiko
 
@@ -27,6 +27,15 @@ from qemuca.hosts.ssh_config import HostTarget
 
 MAX_KNOWN_HOSTS = 16 << 20
 _KNOWN_HOSTS_LOCK = threading.Lock()
+
+
+class HostKeyRefused(HostKeyError):
+    """HostKeyError with what the admin needs to act on it: the offered key's fingerprint
+    and the known_hosts line that would accept it."""
+
+    def __init__(self, message: str, fingerprint: str, known_hosts_line: str):
+        super().__init__(message)
+        self.fingerprint, self.known_hosts_line = fingerprint, known_hosts_line
 
 
 def fingerprint(blob: bytes) -> str:
@@ -152,20 +161,18 @@ def check_host_key(target: HostTarget, key: paramiko.PKey, accept_new: bool = Fa
     line = known_hosts_line(name, keytype, blob)
     where = target.known_hosts_files[0] if target.known_hosts_files else "known_hosts"
 
-    def refuse(status: str, entry: Optional[KnownHost]) -> None:
-        if status == "revoked":
-            msg = f"host key {fp} for {name} is revoked ({entry.path}:{entry.lineno})"
-        elif status == "unknown":
+    def refuse(status: str, entry: Optional[KnownHost]) -> NoReturn:
+        if status == "unknown" or entry is None:  # no entry: only ever "unknown"
             msg = (f"host key for {name} is unknown: {fp}. If that is the host's key, add this "
                    f"line to {where}: {line} (or connect once with --accept-new-host-key)")
+        elif status == "revoked":
+            msg = f"host key {fp} for {name} is revoked ({entry.path}:{entry.lineno})"
         else:
             old = f"{entry.keytype} {fingerprint(entry.blob)}"
             msg = (f"HOST KEY CHANGED for {name}: it offers {fp}, {entry.path}:{entry.lineno} has "
                    f"{old}. Someone could be intercepting the connection; if the change is expected, "
                    f"remove the old key (ssh-keygen -R '{name}' -f {entry.path}) and add: {line}")
-        exc = HostKeyError(f"{target.alias}: {msg}")
-        exc.fingerprint, exc.known_hosts_line = fingerprint(blob), line
-        raise exc
+        raise HostKeyRefused(f"{target.alias}: {msg}", fingerprint(blob), line)
 
     status, entry = host_key_status(known_entries(target), name, keytype, blob)
     if status == "ok":

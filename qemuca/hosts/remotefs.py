@@ -20,7 +20,7 @@ import posixpath
 import socket
 import stat as stat_mod
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import paramiko
 from paramiko.sftp import (
@@ -47,16 +47,19 @@ _ST_RDONLY = 0x1  # statvfs@openssh.com flag
 # paramiko has no public API for OpenSSH's SFTP extensions (statvfs@, fsync@, lsetstat@)
 # nor for an O_EXCL open that sets the mode at creation: these two functions are the only
 # places that use its private request call, so the rest of this module is plain SFTP.
-def _extended(sftp: paramiko.SFTPClient, name: str, *args):
+def _extended(sftp: paramiko.SFTPClient, name: str, *args: object) -> Tuple[int, paramiko.Message]:
     """Send the extension request `name`; returns (reply type, message)."""
-    return sftp._request(CMD_EXTENDED, name, *args)
+    # SFTPClient._request is private (no stubs): see above.
+    return sftp._request(CMD_EXTENDED, name, *args)  # type: ignore[attr-defined]
 
 
 def _open_exclusive(sftp: paramiko.SFTPClient, path: str, mode: int) -> SFTPFile:
     """Create `path` for writing, failing if it exists, with `mode` from the first byte."""
     attrs = SFTPAttributes()
     attrs.st_mode = mode
-    t, msg = sftp._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
+    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
+    # SFTPClient._request is private (no stubs): see above.
+    t, msg = sftp._request(CMD_OPEN, path, flags, attrs)  # type: ignore[attr-defined]
     if t != CMD_HANDLE:
         raise paramiko.SFTPError("expected a handle")
     # Unbuffered: a failed write is not sent again by close() (or by __del__).

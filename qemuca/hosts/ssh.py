@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import paramiko
 
@@ -178,7 +178,7 @@ class ExecChannel:
 
     @property
     def at_eof(self) -> bool:
-        return self._chan.eof_received or self._chan.closed
+        return bool(self._chan.eof_received or self._chan.closed)
 
     def exited(self) -> bool:
         return self._chan.exit_status_ready()
@@ -226,7 +226,9 @@ class Connection:
         if self._sftp is None:
             try:
                 self._sftp = self.transport.open_sftp_client()
-                self._sftp.get_channel().settimeout(self.command_timeout)
+                chan = self._sftp.get_channel()
+                assert chan is not None  # a client opened on the transport runs on its channel
+                chan.settimeout(self.command_timeout)
             except paramiko.SFTPError as e:
                 raise self.error(e, "SFTP failed (does the login shell print text, e.g. from "
                                     "~/.bashrc?)") from None
@@ -321,7 +323,7 @@ def _agent_keys(target: HostTarget, allow: bool) -> List[paramiko.PKey]:
     if not allow or not os.environ.get("SSH_AUTH_SOCK"):
         return []
     try:
-        keys = list(paramiko.Agent().get_keys())
+        keys: List[paramiko.PKey] = list(paramiko.Agent().get_keys())
     except (paramiko.SSHException, OSError):
         return []
     if target.identities_only:  # only the agent's copies of the configured identities
@@ -380,7 +382,8 @@ def _open(alias: str, options: SshOptions, config: paramiko.SSHConfig, user: Opt
     jumps = target.proxy_jump if jumps is None else jumps
     timeout = target.connect_timeout
     via: Optional[Connection] = None
-    sock = t = None
+    sock: Union[paramiko.Channel, paramiko.ProxyCommand, socket.socket, None] = None
+    t: Optional[paramiko.Transport] = None
     try:
         if jumps:
             if depth >= MAX_JUMPS:

@@ -55,7 +55,8 @@ class Status:
         return STATE_NAMES[self.result]
 
     def as_dict(self) -> dict:
-        data = {"kind": self.kind, "subject": self.subject, "state": self.state, "detail": self.detail}
+        data: Dict[str, object] = {"kind": self.kind, "subject": self.subject, "state": self.state,
+                                   "detail": self.detail}
         if self.not_after is not None:
             data.update(not_after=self.not_after, days_left=self.days_left)
         return data
@@ -351,7 +352,7 @@ def _escape_help(text: str) -> str:
 class _Exposition:
     """Families in the order added; each gets one HELP and one TYPE line."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lines: List[str] = []
 
     def family(self, name: str, kind: str, help_text: str,

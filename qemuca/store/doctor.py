@@ -489,7 +489,7 @@ class _Doctor:
 
 def _retired_cas(home: str) -> List[Tuple[str, x509.Certificate]]:
     """CAs kept in retired/ (init --force: retired/<time>/ca/, rollover: retired/<time>-previous-ca/)."""
-    out = []
+    out: List[Tuple[str, x509.Certificate]] = []
     retired = os.path.join(home, "retired")
     if not os.path.isdir(retired):
         return out

@@ -427,7 +427,9 @@ class Store:
     def revoke(self, serial: str, reason: str, at: dt.datetime) -> CertRecord:
         with self.write() as db:
             self.revoke_in(db, serial, reason, at)
-        return self.by_serial(serial)
+        rec = self.by_serial(serial)
+        assert rec is not None  # revoke_in found it (or raised); index rows are never deleted
+        return rec
 
     def revoke_in(self, db: sqlite3.Connection, serial: str, reason: str, at: dt.datetime) -> None:
         """Revoke inside the caller's transaction (revoke and its CRL commit together)."""

@@ -100,12 +100,13 @@ class Diagnosis:
     def trust_problem(self, host: str, peer: str) -> Tuple[str, str]:
         """Which certificate is foreign: name the host, and what to deploy."""
         ours = [(self.s.name, self.src_certs), (self.d.name, self.dst_certs)]
-        foreign = [(h, c[0]) for h, c in ours if c and self.rev is not None and not self.rev.from_this_ca(c[0])]
-        if foreign:
+        rev = self.rev
+        foreign = [(h, c[0]) for h, c in ours if c and rev is not None and not rev.from_this_ca(c[0])]
+        if foreign and rev is not None:
             h, cert = foreign[0]
             return (f"{host} does not trust {peer}'s certificate; {h}'s certificate was issued by "
                     f"'{cert.issuer.rfc4514_string()}', not by this CA "
-                    f"('{self.rev.ca_cert.subject.rfc4514_string()}')",
+                    f"('{rev.ca_cert.subject.rfc4514_string()}')",
                     f"deploy both hosts from this CA: qemuca deploy {h} --issue (or qemuca enroll {h})")
         peer_certs = self.src_certs if peer == self.s.name else self.dst_certs
         bundle = self.src_bundle if host == self.s.name else self.dst_bundle

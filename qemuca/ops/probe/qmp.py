@@ -19,11 +19,11 @@ import re
 import secrets
 import threading
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from qemuca.errors import EXIT_INTERRUPTED, NotFound, QemucaError, RemoteError
 from qemuca.hosts.remotefs import RemoteFS
-from qemuca.hosts.ssh import ExecChannel
+from qemuca.hosts.ssh import Connection, ExecChannel
 from qemuca.names import host_port
 
 MAX_BANDWIDTH = 2 ** 62  # bytes/s: unlimited, as libvirt sets it
@@ -54,7 +54,7 @@ class QemuExited(Exception):
 class QemuHost:
     """One end of the probe: its connection, its files (SFTP) and its QEMU."""
 
-    def __init__(self, name: str, conn):
+    def __init__(self, name: str, conn: Connection):
         self.name, self.conn, self.fs = name, conn, RemoteFS(conn)
         self.qemu: Optional[str] = None
         self.qemu_size = 0
@@ -78,6 +78,12 @@ class QemuHost:
         helptext = self.conn.run(["setpriv", "--help"], timeout=15)
         self.pdeathsig = helptext.ok and b"--pdeathsig" in helptext.stdout
 
+    @property
+    def qemu_path(self) -> str:
+        """The QEMU that find_qemu() found; every QEMU of the probe starts after it."""
+        assert self.qemu is not None, "find_qemu() first"
+        return self.qemu
+
 
 _PREFIX = re.compile(r"^\S*qemu[^:\s]*:(\s|$)")
 
@@ -92,7 +98,7 @@ class RemoteQemu:
         bound = ["timeout", "-s", "KILL", str(int(seconds) + KILL_MARGIN)]
         if host.pdeathsig:  # timeout dies with the session, QEMU dies with timeout
             bound = ["setpriv", "--pdeathsig", "KILL", "--"] + bound + ["setpriv", "--pdeathsig", "KILL", "--"]
-        self.argv = bound + [host.qemu, "-name", self.marker, *args, "-qmp", "stdio"]
+        self.argv = bound + [host.qemu_path, "-name", self.marker, *args, "-qmp", "stdio"]
         self.chan: Optional[ExecChannel] = None
         self.stopped = False
         self.pid: Optional[int] = None
@@ -115,7 +121,10 @@ class RemoteQemu:
         try:
             tid = self.cmd("query-iothreads", deadline)[0]["thread-id"]
             status = self.host.fs.read_bytes(f"/proc/{int(tid)}/status").decode("ascii", "replace")
-            pid = int(re.search(r"^Tgid:\s*(\d+)", status, re.M).group(1))
+            found = re.search(r"^Tgid:\s*(\d+)", status, re.M)
+            if found is None:
+                return None
+            pid = int(found.group(1))
         except (QmpError, OSError, IndexError, KeyError, AttributeError, ValueError):
             return None
         return pid if self._ours(pid) else None
@@ -129,7 +138,7 @@ class RemoteQemu:
     def _ours(self, pid: int) -> bool:
         """Is PID still this QEMU? (the binary, with our random marker as its -name)"""
         argv = self._argv(pid)
-        return bool(argv) and argv[0] == self.host.qemu.encode() and self.marker.encode() in argv
+        return bool(argv) and argv[0] == self.host.qemu_path.encode() and self.marker.encode() in argv
 
     def _scan(self) -> List[int]:
         """Every process carrying our marker: QEMU, the setpriv/timeout around it, or the
@@ -147,12 +156,18 @@ class RemoteQemu:
         busy host the session may still be starting (sshd forks late; a setpriv that runs
         after the connection is gone never gets its parent-death signal)."""
         end = time.monotonic() + seconds
-        while not self.ended() and time.monotonic() < end and self.host.conn.alive:
+        chan = self.chan
+        while chan is not None and not chan.exited() and time.monotonic() < end and self.host.conn.alive:
             self._kill(self._scan())
-            self.chan.wait_exit(0.5)
+            chan.wait_exit(0.5)
 
     def ended(self) -> bool:
         return self.chan is None or self.chan.exited()
+
+    def _channel(self) -> ExecChannel:
+        """The running program's channel: QMP is spoken only after start()."""
+        assert self.chan is not None, "start() first"
+        return self.chan
 
     def stop(self) -> None:
         stop_all([self])
@@ -162,8 +177,8 @@ class RemoteQemu:
             self.host.conn.run(["kill", "-KILL", *map(str, pids)], timeout=10)
 
     # -- QMP
-    def cmd(self, command: str, deadline: float, **arguments):
-        request = {"execute": command}
+    def cmd(self, command: str, deadline: float, **arguments: object):
+        request: Dict[str, object] = {"execute": command}
         if arguments:
             request["arguments"] = arguments
         self._send(request)
@@ -174,7 +189,7 @@ class RemoteQemu:
 
     def _send(self, request: dict) -> None:
         try:
-            self.chan.send(json.dumps(request).encode() + b"\n")
+            self._channel().send(json.dumps(request).encode() + b"\n")
         except EOFError:
             self._gone()
 
@@ -202,20 +217,21 @@ class RemoteQemu:
         left = deadline - time.monotonic()
         if left <= 0:
             raise ProbeTimeout(f"QEMU ({self.role}) on {self.host.name} did not answer in time")
-        self.chan.wait_readable(min(left, 0.2))
+        chan = self._channel()
+        chan.wait_readable(min(left, 0.2))
         self.drain()
-        data = self.chan.read()
+        data = chan.read()
         if data:
             self._out += data
             return
-        if self.chan.at_eof or not self.host.conn.alive:
+        if chan.at_eof or not self.host.conn.alive:
             self._gone()
 
     def _gone(self) -> None:
         """The channel ended: QEMU exited, or the connection is lost."""
         if not self.host.conn.alive:
             raise RemoteError(f"{self.host.name}: connection lost (QEMU {self.role})")
-        self.chan.wait_exit(1.0)
+        self._channel().wait_exit(1.0)
         self.drain()
         raise QemuExited("; ".join(self.log_since(0)) or "QEMU exited")
 
@@ -251,7 +267,7 @@ def stop_all(qemus: Sequence[RemoteQemu]) -> None:
     guarded = (QemucaError, QemuExited, OSError, EOFError)
     qemus = [q for q in qemus if not q.stopped]
     live = [q for q in qemus if not q.ended() and q.host.conn.alive]
-    unknown = []
+    unknown: List[RemoteQemu] = []
     for q in live:
         try:
             if q.pid and q._ours(q.pid):
@@ -264,7 +280,7 @@ def stop_all(qemus: Sequence[RemoteQemu]) -> None:
             pass
     end = time.monotonic() + 1.0
     for q in live:
-        q.chan.wait_exit(max(0.0, end - time.monotonic()))
+        q._channel().wait_exit(max(0.0, end - time.monotonic()))
     for q in unknown:
         try:
             q._reap(REAP_SECONDS)

@@ -83,7 +83,8 @@ class _Probe(Diagnosis):
     """The steps of one probe, in order; results go into the report as they come."""
 
     def __init__(self, report: ProbeReport, src: QemuHost, dst: QemuHost, opts: ProbeOptions,
-                 revocations: Optional[Revocations], cancel, deadline: float, qemus: List[RemoteQemu]):
+                 revocations: Optional[Revocations], cancel: Optional[threading.Event], deadline: float,
+                 qemus: List[RemoteQemu]):
         self.r, self.s, self.d, self.opts = report, src, dst, opts
         self.rev, self.cancel, self.deadline, self.qemus = revocations, cancel, deadline, qemus
         self.src_certs: List[x509.Certificate] = []
@@ -106,7 +107,7 @@ class _Probe(Diagnosis):
         # The destination, a plain client (same guest, empty RAM) and the source start at once.
         dq = self.qemu(d, "destination", qemu_args(opts.ram_mib, incoming=True))
         pq = self.qemu(s, "plain-client", qemu_args(opts.ram_mib, incoming=False))
-        sq = self.qemu(s, "source", qemu_args(opts.ram_mib, False, (s.qemu, s.qemu_size)))
+        sq = self.qemu(s, "source", qemu_args(opts.ram_mib, False, (s.qemu_path, s.qemu_size)))
         dq.greet(self.deadline)
         pq.greet(self.deadline)
         sq = self.greet_source(sq)
@@ -349,7 +350,7 @@ class _Probe(Diagnosis):
             self.add("throughput TLS / plain", SKIP, "not measured: the TLS migration did not complete")
             return
         dq = self.qemu(d, "destination-plain", qemu_args(self.opts.ram_mib, incoming=True))
-        sq = self.qemu(s, "source-plain", qemu_args(self.opts.ram_mib, False, (s.qemu, s.qemu_size)
+        sq = self.qemu(s, "source-plain", qemu_args(self.opts.ram_mib, False, (s.qemu_path, s.qemu_size)
                                                     if self.r.ram_filled_bytes else None))
         dq.greet(self.deadline)
         sq.greet(self.deadline)

@@ -8,10 +8,11 @@ import ipaddress
 import posixpath
 import threading
 import time
-from typing import List, Sequence
+from typing import List, Optional, Protocol, Sequence, Union, runtime_checkable
 
 from qemuca.errors import QemucaError
 from qemuca.findings import FAIL, PASS, SKIP, Finding
+from qemuca.hosts.fs import FileStat
 from qemuca.hosts.layout import (
     CA_BUNDLE,
     CLIENT_CERT,
@@ -21,8 +22,38 @@ from qemuca.hosts.layout import (
     SERVER_KEY,
 )
 from qemuca.hosts.procfs import argv_of, find_pids, listening
+from qemuca.hosts.ssh import RunResult
 from qemuca.names import host_port
 from qemuca.ops.verify.report import PairOptions, Side
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What runs the commands on a side: an SSH Connection, or a LocalRunner."""
+
+    def run(self, argv: Sequence[str], stdin: Optional[bytes] = None, timeout: Optional[float] = None,
+            check: bool = False) -> RunResult: ...
+
+
+@runtime_checkable
+class StatFS(Protocol):
+    """What a side's files are looked at with here (an FS: RemoteFS, LocalFS)."""
+
+    def stat(self, path: str, follow: bool = True) -> Optional[FileStat]: ...
+
+
+def _runner(side: Side) -> Runner:
+    runner = side.runner  # Side holds it as `object`
+    if not isinstance(runner, Runner):
+        raise TypeError(f"{side.name}: {type(runner).__name__} cannot run commands")
+    return runner
+
+
+def _fs(side: Side) -> StatFS:
+    fs = side.fs  # Side holds it as `object`
+    if not isinstance(fs, StatFS):
+        raise TypeError(f"{side.name}: {type(fs).__name__} is not a file system")
+    return fs
 
 
 def _reasons(stderr: bytes) -> List[str]:
@@ -41,16 +72,16 @@ def _reasons(stderr: bytes) -> List[str]:
     return list(dict.fromkeys(out))
 
 
-def _kill(side: Side, pid: int) -> None:
+def _kill(runner: Runner, pid: int) -> None:
     try:
-        side.runner.run(["kill", "-KILL", str(pid)], timeout=10)
+        runner.run(["kill", "-KILL", str(pid)], timeout=10)
     except QemucaError:
         pass
 
 
-def _has(side: Side, argv: Sequence[str]) -> bool:
+def _has(runner: Runner, argv: Sequence[str]) -> bool:
     try:
-        return side.runner.run(list(argv), timeout=10).ok
+        return runner.run(list(argv), timeout=10).ok
     except QemucaError:
         return False
 
@@ -59,8 +90,9 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
     """openssl s_server with dst's server set, s_client on src with its client set and
     -verify_hostname name: both peers authenticated, as in a migration. Each runs under
     `timeout` where the host has it, and whatever still runs at the end is killed by PID."""
-    for side in (src, dst):
-        if not _has(side, ["openssl", "version"]):
+    src_run, dst_run = _runner(src), _runner(dst)
+    for side, runner in ((src, src_run), (dst, dst_run)):
+        if not _has(runner, ["openssl", "version"]):
             return Finding("TLS handshake", SKIP, f"{side.name} has no openssl: handshake not tried",
                          "install openssl on the host to run --handshake")
     d = posixpath.normpath(opts.cert_dir)
@@ -74,28 +106,30 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
     server = ["openssl", "s_server", "-accept", accept, "-naccept", "1", "-www",
               "-cert", f"{d}/{SERVER_CERT}", "-key", f"{d}/{SERVER_KEY}", "-CAfile", f"{d}/{CA_BUNDLE}",
               "-Verify", "1", "-verify_return_error"]
-    if dst.fs.stat(f"{d}/{CRL}") is not None:
+    if _fs(dst).stat(f"{d}/{CRL}") is not None:
         server += ["-CRL", f"{d}/{CRL}", "-crl_check"]
     client = ["openssl", "s_client", "-connect", host_port(address, opts.port), "-ign_eof",
               "-cert", f"{d}/{CLIENT_CERT}", "-key", f"{d}/{CLIENT_KEY}", "-CAfile", f"{d}/{CA_BUNDLE}",
               "-verify_return_error", "-verify_hostname", name]
-    bound = {side.name: (["timeout", "-s", "KILL", seconds] if _has(side, ["timeout", "--version"]) else [])
-             for side in (src, dst)}
+    bound = {side.name: (["timeout", "-s", "KILL", seconds] if _has(runner, ["timeout", "--version"]) else [])
+             for side, runner in ((src, src_run), (dst, dst_run))}
     if listening(dst.fs, opts.port):
         return Finding("TLS handshake", FAIL, f"port {opts.port} is already in use on {dst.name}",
                      "choose a free port with --port")
-    done: List[object] = []
+    done: List[Union[RunResult, QemucaError]] = []
 
-    def serve():
+    def serve() -> None:
         try:
-            done.append(dst.runner.run(bound[dst.name] + server, timeout=opts.timeout + 5))
+            done.append(dst_run.run(bound[dst.name] + server, timeout=opts.timeout + 5))
         except QemucaError as e:
             done.append(e)
 
     thread = threading.Thread(target=serve, name="qemuca-s_server", daemon=True)
     deadline = time.monotonic() + opts.timeout
     thread.start()
-    server_pid, client_result, client_started = None, None, False
+    server_pid: Optional[int] = None
+    client_result: Union[RunResult, QemucaError, None] = None
+    client_started = False
     try:
         while time.monotonic() < deadline and thread.is_alive():
             if listening(dst.fs, opts.port):
@@ -107,31 +141,33 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
         if server_pid is None:
             thread.join(max(0.0, deadline - time.monotonic()))
             out = done[0] if done else None
-            failed = out is not None and not isinstance(out, Exception)
-            why = "; ".join(_reasons(out.stderr)) if failed else str(out or "")
+            why = str(out or "") if out is None or isinstance(out, Exception) else "; ".join(_reasons(out.stderr))
             return Finding("TLS handshake", FAIL, f"openssl s_server did not start on {dst.name} at {accept}"
                          + (f": {why}" if why else ""), "choose a free port with --port")
         client_started = True
         try:
-            client_result = src.runner.run(bound[src.name] + client, stdin=b"GET / HTTP/1.0\r\n\r\n",
-                                           timeout=opts.timeout + 5)
+            client_result = src_run.run(bound[src.name] + client, stdin=b"GET / HTTP/1.0\r\n\r\n",
+                                        timeout=opts.timeout + 5)
         except QemucaError as e:
             client_result = e
         thread.join(max(0.5, deadline - time.monotonic()))
     finally:
         if server_pid is not None and argv_of(dst.fs, "/proc", str(server_pid)) == server:
-            _kill(dst, server_pid)
+            _kill(dst_run, server_pid)
         if client_started and (client_result is None or isinstance(client_result, Exception)):
             for pid in find_pids(src.fs, client):
-                _kill(src, pid)
+                _kill(src_run, pid)
         thread.join(5)
     where = f"{src.name} -> {dst.name} at {host_port(address, opts.port)}, name {name}"
     if isinstance(client_result, Exception):
         return Finding("TLS handshake", FAIL, f"{where}: {client_result}", "check the address and firewall")
+    assert client_result is not None  # s_server started, so s_client ran (or raised: above)
     ok = client_result.ok and b"HTTP/1.0 200" in client_result.stdout
     if ok:
         return Finding("TLS handshake", PASS, f"{where}: both certificates verified by openssl")
-    server_out = done[0] if done and not isinstance(done[0], Exception) else None
+    server_out = done[0] if done else None
+    if isinstance(server_out, Exception):
+        server_out = None
     parts = []
     reasons = _reasons(client_result.stderr)
     if reasons:

@@ -8,11 +8,24 @@ commands, so a check cannot run here what it could not run on a host.
 from __future__ import annotations
 
 import subprocess
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 from qemuca.errors import RemoteError
 from qemuca.hosts.ssh import RunResult, command, command_line
 from qemuca.hosts.ssh_config import DEFAULT_COMMAND_TIMEOUT
+
+
+class Runner(Protocol):
+    """What runs commands on a place: an SSH Connection, or a LocalRunner."""
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, argv: Sequence[str], stdin: Optional[bytes] = None, timeout: Optional[float] = None,
+            check: bool = False) -> RunResult: ...
+
+    def run_command(self, name: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None,
+                    check: bool = False, **args: str) -> RunResult: ...
 
 
 class LocalRunner:

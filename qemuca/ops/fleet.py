@@ -14,6 +14,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from qemuca.errors import QemucaError
 from qemuca.hosts.remotefs import RemoteFS
+from qemuca.hosts.ssh import Connection
 
 R = TypeVar("R")
 MAX_PARALLEL = 256
@@ -36,7 +37,7 @@ def run_fleet(hosts: Sequence[str], operation: Callable[[str], R], parallel: int
 
 
 @contextmanager
-def connected(connect: Callable, *hosts: str) -> Iterator[List[Tuple[object, RemoteFS]]]:
+def connected(connect: Callable[[str], Connection], *hosts: str) -> Iterator[List[Tuple[Connection, RemoteFS]]]:
     """(connection, file system) for each host, in order; all closed afterwards."""
     conns = []
     try:

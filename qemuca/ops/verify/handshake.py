@@ -8,11 +8,10 @@ import ipaddress
 import posixpath
 import threading
 import time
-from typing import List, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import List, Optional, Sequence, Union
 
 from qemuca.errors import QemucaError
 from qemuca.findings import FAIL, PASS, SKIP, Finding
-from qemuca.hosts.fs import FileStat
 from qemuca.hosts.layout import (
     CA_BUNDLE,
     CLIENT_CERT,
@@ -22,38 +21,10 @@ from qemuca.hosts.layout import (
     SERVER_KEY,
 )
 from qemuca.hosts.procfs import argv_of, find_pids, listening
+from qemuca.hosts.runner import Runner
 from qemuca.hosts.ssh import RunResult
 from qemuca.names import host_port
 from qemuca.ops.verify.report import PairOptions, Side
-
-
-@runtime_checkable
-class Runner(Protocol):
-    """What runs the commands on a side: an SSH Connection, or a LocalRunner."""
-
-    def run(self, argv: Sequence[str], stdin: Optional[bytes] = None, timeout: Optional[float] = None,
-            check: bool = False) -> RunResult: ...
-
-
-@runtime_checkable
-class StatFS(Protocol):
-    """What a side's files are looked at with here (an FS: RemoteFS, LocalFS)."""
-
-    def stat(self, path: str, follow: bool = True) -> Optional[FileStat]: ...
-
-
-def _runner(side: Side) -> Runner:
-    runner = side.runner  # Side holds it as `object`
-    if not isinstance(runner, Runner):
-        raise TypeError(f"{side.name}: {type(runner).__name__} cannot run commands")
-    return runner
-
-
-def _fs(side: Side) -> StatFS:
-    fs = side.fs  # Side holds it as `object`
-    if not isinstance(fs, StatFS):
-        raise TypeError(f"{side.name}: {type(fs).__name__} is not a file system")
-    return fs
 
 
 def _reasons(stderr: bytes) -> List[str]:
@@ -90,7 +61,7 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
     """openssl s_server with dst's server set, s_client on src with its client set and
     -verify_hostname name: both peers authenticated, as in a migration. Each runs under
     `timeout` where the host has it, and whatever still runs at the end is killed by PID."""
-    src_run, dst_run = _runner(src), _runner(dst)
+    src_run, dst_run = src.runner, dst.runner
     for side, runner in ((src, src_run), (dst, dst_run)):
         if not _has(runner, ["openssl", "version"]):
             return Finding("TLS handshake", SKIP, f"{side.name} has no openssl: handshake not tried",
@@ -106,7 +77,7 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
     server = ["openssl", "s_server", "-accept", accept, "-naccept", "1", "-www",
               "-cert", f"{d}/{SERVER_CERT}", "-key", f"{d}/{SERVER_KEY}", "-CAfile", f"{d}/{CA_BUNDLE}",
               "-Verify", "1", "-verify_return_error"]
-    if _fs(dst).stat(f"{d}/{CRL}") is not None:
+    if dst.fs.stat(f"{d}/{CRL}") is not None:
         server += ["-CRL", f"{d}/{CRL}", "-crl_check"]
     client = ["openssl", "s_client", "-connect", host_port(address, opts.port), "-ign_eof",
               "-cert", f"{d}/{CLIENT_CERT}", "-key", f"{d}/{CLIENT_KEY}", "-CAfile", f"{d}/{CA_BUNDLE}",

@@ -10,9 +10,11 @@ from cryptography import x509
 from qemuca.errors import InvalidInput
 from qemuca.findings import FAIL, Finding, Outcome
 from qemuca.hosts import qemuconf
+from qemuca.hosts.fs import FS
 from qemuca.hosts.layout import (
     DEFAULT_CERT_DIR,
 )
+from qemuca.hosts.runner import Runner
 from qemuca.pki.ca import CertificateAuthority
 from qemuca.pki.certinfo import read_pem_blocks
 
@@ -125,8 +127,8 @@ class Side:
     """One host of a pair: its name (as qemuca calls it), FS and command runner."""
 
     name: str
-    fs: object
-    runner: object
+    fs: FS
+    runner: Runner
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,8 @@ def make_staging(fs: FS, cert_dir: str, modes: Modes) -> str:
     """A fresh directory only its owner can enter, inside the cert dir's state, where a
     key can be made on the host and later moved into its set (same file system)."""
     target = prepare(fs, cert_dir, modes)
+    if target.foreign_names():
+        _sources(target)  # a planted link is refused before anything is created
     fs.makedirs(target.sets, 0o755)
     path = posixpath.join(target.sets, STAGING_PREFIX + secrets.token_hex(6))
     fs.makedirs(path, 0o700)
@@ -247,6 +249,8 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
     target = prepare(fs, cert_dir, modes)
     names = target.scan()
     foreign = target.foreign_names(names)
+    if foreign:
+        _sources(target)  # a planted link is refused, with or without --force
     if foreign and not force:
         raise Conflict(f"{cert_dir} holds files qemuca did not write ({', '.join(foreign)}); "
                        "use --force to replace them (they are kept for rollback)")
@@ -332,8 +336,17 @@ def _adopt(target: CertDir, stamp: str) -> str:
     fs = target.fs
     set_id = "adopted-" + stamp.replace(":", "").replace("-", "")
     directory = posixpath.join(target.sets, set_id)
-    sources = {}
-    for name in ALL_FILES:  # resolved before anything is copied: a planted link is refused
+    fs.makedirs(directory, 0o755)
+    for name, path in _sources(target).items():
+        fs.copy(path, posixpath.join(directory, name))
+    return set_id
+
+
+def _sources(target: CertDir) -> Dict[str, str]:
+    """The regular file each layout name gives QEMU now, every link resolved inside the
+    dir; a link leading out (planted, to a root-only file) is refused, never copied."""
+    fs, out = target.fs, {}
+    for name in ALL_FILES:
         if fs.stat(posixpath.join(target.path, name), follow=False) is None:
             continue
         path, why = resolve_inside(fs, target.path, name)
@@ -344,11 +357,8 @@ def _adopt(target: CertDir, stamp: str) -> str:
                                "QEMU's group can read; remove it (or make it a file in the dir) and retry")
         st = fs.stat(path, follow=False)
         if st is not None and st.is_file:
-            sources[name] = path
-    fs.makedirs(directory, 0o755)
-    for name, path in sources.items():
-        fs.copy(path, posixpath.join(directory, name))
-    return set_id
+            out[name] = path
+    return out
 
 
 def _add_links(target: CertDir, names, scan: Optional[Dict[str, Optional[str]]] = None) -> None:

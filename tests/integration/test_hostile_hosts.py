@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
 
 import pytest
 
@@ -91,3 +92,34 @@ def test_a_hostname_that_is_not_a_name_is_never_suggested_in_a_command(deployed)
     assert name_check["result"] != "pass" and "not a host name" in name_check["detail"], name_check
     for c in report["checks"]:
         assert "curl" not in (c.get("fix") or ""), c
+
+
+@pytest.mark.parametrize("plant", ["dir-0777", "dir-owned-by-user", "parent-0777", "key-link-to-shadow"])
+def test_insecure_or_planted_cert_dirs_are_refused_before_anything_is_copied(fleet_factory, tmp_path, plant):
+    """Whoever can write the cert dir (or a directory above it) can swap the links QEMU
+    follows; a planted link would make qemuca copy a root-only file into a set QEMU's
+    group can read. deploy and enroll refuse both, even with --force, and write nothing."""
+    fleet = fleet_factory(1)
+    host = fleet[0]
+    host.write("/etc/secret-root-only", "root's secret\n", 0o600)
+    cert_dir = host.path("/etc/pki/qemu")
+    cert_dir.mkdir(parents=True)
+    if plant == "dir-0777":
+        os.chmod(cert_dir, 0o777)
+    elif plant == "dir-owned-by-user":
+        os.chown(cert_dir, 1001, 1001)
+    elif plant == "parent-0777":
+        os.chmod(cert_dir.parent, 0o777)
+    else:
+        os.symlink("/etc/secret-root-only", cert_dir / "server-key.pem")
+    before = sorted(p.name for p in cert_dir.iterdir())
+    for command in (["deploy", "--issue"], ["enroll"]):
+        home = make_store(tmp_path / command[0])
+        proc = run_qemuca(home, *command, host.name, "--force", *ssh(fleet), "--json")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        error = json.loads(proc.stdout)[0]["error"]
+        want = "link leading out of /etc/pki/qemu" if plant == "key-link-to-shadow" else "anyone who can write there"
+        assert want in error, error
+        assert sorted(p.name for p in cert_dir.iterdir()) == before  # nothing placed, no .qemuca
+    found = subprocess.run(["grep", "-rl", "root's secret", str(cert_dir)], capture_output=True, text=True)
+    assert found.stdout.strip() in ("", str(cert_dir / "server-key.pem")), found.stdout

@@ -33,6 +33,8 @@ start takes about a second instead of probing QEMU on every host.
 
 from __future__ import annotations
 
+import atexit
+import glob
 import itertools
 import os
 import re
@@ -48,12 +50,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tests.support.fakehosts import FakeHost
-from tests.support.tools import require_tool
+from tests.support.tools import missing, require_tool
 
 LIBVIRTD = "/usr/sbin/libvirtd"
 VIRSH = "virsh"
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
-QEMU_DRIVER = "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so"
+QEMU_DRIVER = "libvirt_driver_qemu.so"  # in /usr/lib/<multiarch>/libvirt/connection-driver
 QEMU_USER = "libvirt-qemu"  # Debian's build default (qemu.conf `user`/`group` unset)
 QEMU_UID = QEMU_GID = 64055  # Debian's libvirt-qemu, when a host has no such user/group
 TIMEOUT = 60.0  # generous: a loaded 2-core CI machine
@@ -198,9 +200,17 @@ _caps_lock = threading.Lock()
 _caps_cache: Path | None = None
 
 
+def qemu_driver() -> str:
+    """libvirt's QEMU driver module ('' when libvirt-daemon-driver-qemu is missing)."""
+    found = sorted(glob.glob(f"/usr/lib/*/libvirt/connection-driver/{QEMU_DRIVER}"))
+    return found[0] if found else ""
+
+
 def require_libvirt_tools() -> None:
-    """libvirtd, virsh and QEMU (fail under CI=true, skip elsewhere when absent)."""
+    """libvirtd, its QEMU driver, virsh and QEMU (fail under CI=true, else skip)."""
     require_tool("libvirtd", LIBVIRTD)
+    if not qemu_driver():
+        missing(f"{QEMU_DRIVER} (Debian package libvirt-daemon-driver-qemu)")
     require_tool(VIRSH)
     require_tool("qemu-system-x86_64", QEMU_BINARY)
 
@@ -227,7 +237,6 @@ def _caps_dir() -> Path:
     global _caps_cache
     if _caps_cache is None:
         _caps_cache = Path(tempfile.mkdtemp(prefix="qemuca-libvirt-caps-"))
-        import atexit
         atexit.register(shutil.rmtree, _caps_cache, True)
     return _caps_cache
 
@@ -237,8 +246,11 @@ class Libvirtd:
     start() / restart() / stop(); `uri` is for virsh on the test machine."""
 
     def __init__(self, host: FakeHost, address: str | None = None, port_min: int | None = None,
-                 migration_host: str | None = None, log_level: int = 3, log_filters: str = ""):
-        """log_level: libvirt's (1 debug .. 4 error) for messages no filter in
+                 announce: str = "name", log_level: int = 3, log_filters: str = ""):
+        """announce: qemu.conf migration_host, the host part of the URI the daemon gives
+        as a destination (and so QEMU's TLS name check without --tls-destination):
+        "name" (the host's name, resolved by every host to `address`), "address", or
+        any string. log_level: libvirt's (1 debug .. 4 error) for messages no filter in
         `log_filters` (libvirtd.conf syntax, e.g. "2:qemu.qemu_monitor") matches."""
         if address is None or port_min is None:
             auto_address, auto_port = _next_address()
@@ -246,7 +258,7 @@ class Libvirtd:
             port_min = port_min or auto_port
         self.host, self.address, self.port_min = host, address, port_min
         self.port_max = port_min + PORTS_PER_HOST - 1
-        self.migration_host = migration_host or host.name
+        self.migration_host = {"name": host.name, "address": address}.get(announce, announce)
         self.host_uuid = str(uuid.uuid4())
         self.log_level, self.log_filters = log_level, log_filters
         self.dir = host.root / "libvirt"
@@ -308,7 +320,7 @@ class Libvirtd:
         d.mkdir(exist_ok=True)
         ctl = d / "ctl"
         (d / "drivers").mkdir(exist_ok=True)
-        os.symlink(QEMU_DRIVER, d / "drivers" / os.path.basename(QEMU_DRIVER))
+        os.symlink(qemu_driver(), d / "drivers" / QEMU_DRIVER)
         (d / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(
             name=self.name, host_uuid=self.host_uuid, log=self.log, log_level=self.log_level,
             log_filters=f'log_filters = "{self.log_filters}"\n' if self.log_filters else ""))
@@ -434,18 +446,23 @@ class Libvirtd:
                                f"{r.stderr.decode(errors='replace')}\n{self.log_text()}")
 
     # -- the host's processes ---------------------------------------------------------
-    def _is_ours(self, pid: int, exe: str) -> bool:
+    def _is_ours(self, pid: int, exe: str, cmdline_has: bytes = b"") -> bool:
         """pid runs `exe` inside this host (its mount namespace)."""
         try:
-            return (os.readlink(f"/proc/{pid}/exe") == exe and
-                    os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink(f"/proc/{self.host.anchor_pid}/ns/mnt"))
+            if os.readlink(f"/proc/{pid}/exe") != exe or \
+                    os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink(f"/proc/{self.host.anchor_pid}/ns/mnt"):
+                return False
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return cmdline_has in f.read()
         except OSError:
             return False
 
     def qemu_pids(self) -> list[int]:
-        """QEMU processes running inside this host."""
+        """QEMU processes libvirt runs in this host (guests, capability probes: their
+        command lines name /var/lib/libvirt/qemu/; a QEMU of qemu_migration.py does not)."""
         return sorted(int(e) for e in os.listdir("/proc")
-                      if e.isdigit() and not _gone(int(e)) and self._is_ours(int(e), QEMU_BINARY))
+                      if e.isdigit() and not _gone(int(e))
+                      and self._is_ours(int(e), QEMU_BINARY, b"/var/lib/libvirt/qemu/"))
 
     def domain_pid(self, domain: str) -> int:
         """The PID of a running guest's QEMU (libvirt's pid file)."""

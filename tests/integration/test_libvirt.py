@@ -31,9 +31,9 @@ def libvirt_fleet(fleet_factory):
     require_libvirt_tools()
     started: list[Libvirtd] = []
 
-    def make(n: int):
+    def make(n: int, **kw):
         fleet = fleet_factory(n)
-        daemons = start_libvirtds(list(fleet), log_filters=MONITOR_LOG)
+        daemons = start_libvirtds(list(fleet), log_filters=MONITOR_LOG, **kw)
         started.extend(daemons)
         return fleet, daemons
 
@@ -60,19 +60,23 @@ def new_ca(path):
     return path
 
 
-def qemu_uids(d: Libvirtd, domain: str) -> set[str]:
-    """The real, effective, saved and fs uids of a guest's QEMU process."""
-    status = open(f"/proc/{d.domain_pid(domain)}/status").read()
-    line = next(x for x in status.splitlines() if x.startswith("Uid:"))
-    return set(line.split()[1:])
+def assert_runs_as_qemu_user(d: Libvirtd, domain: str) -> None:
+    """The guest's QEMU runs as the host's libvirt-qemu user and group (real,
+    effective, saved and fs ids), not as root."""
+    with open(f"/proc/{d.domain_pid(domain)}/status") as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    uid, gid = ids_of(d, "/etc/passwd", QEMU_USER)[2], ids_of(d, "/etc/group", QEMU_USER)[2]
+    assert uid != "0" and gid != "0"
+    assert set(status["Uid"].split()) == {uid}, (d.name, status["Uid"])
+    assert set(status["Gid"].split()) == {gid}, (d.name, status["Gid"])
 
 
-def uid_of(d: Libvirtd, user: str) -> str:
-    for line in d.host.read("/etc/passwd").decode().splitlines():
+def ids_of(d: Libvirtd, db: str, name: str) -> list[str]:
+    for line in d.host.read(db).decode().splitlines():
         parts = line.split(":")
-        if parts[0] == user:
-            return parts[2]
-    raise AssertionError(f"{d.name}: no user {user}")
+        if parts[0] == name:
+            return parts
+    raise AssertionError(f"{d.name}: {name} not in {db}")
 
 
 def tls_objects(d: Libvirtd) -> list[tuple[str, str]]:
@@ -105,15 +109,14 @@ def test_live_tls_migration_there_and_back(tmp_path, libvirt_fleet):
     created = one.create_guest("guest1")
     assert created.returncode == 0, failed(created) + one.log_text()
     assert one.domains() == {"guest1": "running"}
-    assert qemu_uids(one, "guest1") == {uid_of(one, QEMU_USER)}
+    assert_runs_as_qemu_user(one, "guest1")
 
     there = migrate(one, two, "guest1")
     assert there.returncode == 0, failed(there) + one.log_text() + two.log_text()
     assert two.domains() == {"guest1": "running"}
     assert one.domains() == {}
     assert one.qemu_pids() == []
-    uid = uid_of(two, QEMU_USER)
-    assert uid != "0" and qemu_uids(two, "guest1") == {uid}
+    assert_runs_as_qemu_user(two, "guest1")
     assert tls_objects(one) == [("client", CERT_DIR)]
     assert tls_objects(two) == [("server", CERT_DIR)]
 
@@ -121,7 +124,8 @@ def test_live_tls_migration_there_and_back(tmp_path, libvirt_fleet):
     assert back.returncode == 0, failed(back) + one.log_text() + two.log_text()
     assert one.domains() == {"guest1": "running"}
     assert two.domains() == {}
-    assert qemu_uids(one, "guest1") == {uid_of(one, QEMU_USER)}
+    assert_runs_as_qemu_user(one, "guest1")
+    assert tls_objects(one) == [("client", CERT_DIR), ("server", CERT_DIR)]
 
 
 def test_tls_migration_refused_by_destination_of_other_ca_or_without_certs(tmp_path, libvirt_fleet):
@@ -140,8 +144,26 @@ def test_tls_migration_refused_by_destination_of_other_ca_or_without_certs(tmp_p
 
     no_certs = migrate(one, bare, "guest1")
     assert no_certs.returncode != 0
-    assert "Cannot load CA certificate" in no_certs.stderr or CERT_DIR in no_certs.stderr, failed(no_certs)
+    assert f"Unable to access credentials {CERT_DIR}/ca-cert.pem" in no_certs.stderr, failed(no_certs)
 
     for d in (other, bare):
         assert d.domains() == {} and d.qemu_pids() == [], d.name
     assert one.domains() == {"guest1": "running"}  # the guest never left
+
+
+def test_destination_announcing_its_address_needs_tls_destination(tmp_path, libvirt_fleet):
+    """migration_host = an IP: the URI is tcp://IP:PORT and QEMU checks the IP against
+    the certificate (qemuca issues dNSName SANs only), unless --tls-destination NAME."""
+    fleet, (one, two) = libvirt_fleet(2, announce="address")
+    deploy(new_ca(tmp_path / "ca"), fleet, *fleet.names)
+    created = one.create_guest("guest1")
+    assert created.returncode == 0, failed(created) + one.log_text()
+
+    by_address = migrate(one, two, "guest1")
+    assert by_address.returncode != 0
+    assert f"Certificate does not match the hostname {two.address}" in by_address.stderr, failed(by_address)
+    assert one.domains() == {"guest1": "running"}
+
+    named = migrate(one, two, "guest1", "--tls-destination", two.name)
+    assert named.returncode == 0, failed(named) + one.log_text() + two.log_text()
+    assert two.domains() == {"guest1": "running"} and one.domains() == {}

@@ -25,10 +25,14 @@ host's name. Per host, all in `host.root/libvirt/`:
   daemon; `restart()` here does the same.
 
 Only the QEMU driver is loaded (LIBVIRT_DRIVER_DIR): the network and nwfilter drivers
-would touch the machine's firewall (the network namespace is the machine's).
-The QEMU capabilities libvirt probes at its first start are kept in a cache shared by
-every host of a test run (copied in before a start, copied out after), so that a daemon
-start takes about a second instead of probing QEMU on every host.
+would touch the machine's firewall (the network namespace is the machine's). Guests
+are TCG (`<domain type='qemu'>`); /dev/kvm, where the machine has one, is hidden in the
+host behind an empty mode-0 file: with a /dev/kvm that QEMU could open but libvirt found
+inaccessible to libvirt-qemu, libvirt 9.0 re-probed QEMU at every lookup ("KVM was
+enabled when probing ..., but it is not available now"), ~4 s each, 36 s per guest start.
+The QEMU capabilities the first daemon of a test run probes (`virsh domcapabilities`
+right after its start) are copied into every later host's /var/cache/libvirt before its
+start, so that no other daemon probes (libvirt still validates the entries itself).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ host's name. Per host, all in `host.root/libvirt/`:
   name, which every host of the set resolves to that address (/etc/hosts), so the URI
   the destination announces is tcp://NAME:PORT and QEMU's TLS name check is against
   the certificate's dNSName;
-- the libvirt-qemu user in /etc/passwd (QEMU runs as libvirt-qemu, Debian's build
-  default; the user is added only where the host lacks it);
+- QEMU runs as libvirt-qemu, Debian's build default, from the fake host's own user
+  database (a RHEL-like host's qemu.conf names `user`/`group` "qemu" instead);
 - a `systemctl` stand-in bind-mounted over /usr/bin/systemctl in the host, so that
   `qemuca deploy --restart` (`systemctl try-restart libvirtd` over SSH) restarts this
   daemon; `restart()` here does the same.
@@ -61,7 +61,6 @@ VIRSH = "virsh"
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
 QEMU_DRIVER = "libvirt_driver_qemu.so"  # in /usr/lib/<multiarch>/libvirt/connection-driver
 QEMU_USER = "libvirt-qemu"  # Debian's build default (qemu.conf `user`/`group` unset)
-QEMU_UID = QEMU_GID = 64055  # Debian's libvirt-qemu, when a host has no such user/group
 TIMEOUT = 60.0  # generous: a loaded 2-core CI machine
 PORTS_PER_HOST = 16
 HARNESS_MARK = "# --- qemuca tests/support/libvirt.py harness settings ---"
@@ -339,7 +338,6 @@ class Libvirtd:
         for folder, target in PRIVATE_DIRS:
             args += [str(d / folder), target]
         self.host.run(["sh", "-c", MOUNT_SCRIPT, "mount-libvirt", *args], timeout=TIMEOUT)
-        self._add_qemu_user()
         self._append_qemu_conf()
         self.write_hosts(hosts_entries)
         self._ready = True
@@ -354,29 +352,6 @@ class Libvirtd:
                 if not names & set(line.split("#")[0].split()[1:])]
         lines = [f"{a}\t{n} {n.split('.')[0]}" for n, a in entries.items()]
         self.host.write("/etc/hosts", "\n".join(kept + lines) + "\n")
-
-    def _add_qemu_user(self) -> None:
-        """libvirt-qemu in /etc/passwd (and /etc/group) unless the host has it already;
-        its primary group is the host's libvirt-qemu group, whatever its gid."""
-        group = self.host.read("/etc/group").decode()
-        gid = next((row[2] for row in (line.split(":") for line in group.splitlines())
-                    if row[0] == QEMU_USER and len(row) > 2), None)
-        if gid is None:
-            gid = str(QEMU_GID)
-            self._append_row("/etc/group", f"{QEMU_USER}:x:{gid}:")
-        passwd = self.host.read("/etc/passwd").decode()
-        if not any(line.split(":")[0] == QEMU_USER for line in passwd.splitlines()):
-            self._append_row("/etc/passwd", f"{QEMU_USER}:x:{QEMU_UID}:{gid}:Libvirt Qemu,,,:"
-                                            "/var/lib/libvirt:/usr/sbin/nologin")
-
-    def _append_row(self, host_path: str, row: str) -> None:
-        """Append a line, keeping the file's mode and owner (a host may own the file)."""
-        p = self.host.path(host_path)
-        st = p.stat()
-        text = p.read_text()
-        self.host.write(host_path, text + ("" if text.endswith("\n") or not text else "\n") + row + "\n",
-                        mode=st.st_mode & 0o7777)
-        os.chown(p, st.st_uid, st.st_gid)
 
     def _append_qemu_conf(self) -> None:
         path = "/etc/libvirt/qemu.conf"

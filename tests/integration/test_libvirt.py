@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from tests.support.capture import QEMU_MAGIC, TLS_APPDATA, capture
 from tests.support.fakehosts import Fleet
 from tests.support.libvirt import QEMU_USER, Libvirtd, migrate, require_libvirt_tools, start_libvirtds
 from tests.support.pki import assert_ok, run_qemuca
@@ -47,12 +48,30 @@ def libvirt_fleet(fleet_factory):
     assert not errors, errors
 
 
-def deploy(home, fleet: Fleet, *hosts: str):
+def ssh(fleet: Fleet) -> list:
+    return ["--ssh-config", fleet.ssh_config, "--known-hosts", fleet.known_hosts]
+
+
+def deploy(home, fleet: Fleet, *hosts: str, extra=("--issue",)):
     """`qemuca deploy HOSTS --issue --restart --json` over the fleet's SSH; host -> report."""
-    proc = assert_ok(run_qemuca(home, "deploy", *hosts, "--issue", "--restart", "--json",
-                                "--qemu-conf", "/etc/libvirt/qemu.conf",
-                                "--ssh-config", fleet.ssh_config, "--known-hosts", fleet.known_hosts))
+    proc = assert_ok(run_qemuca(home, "deploy", *hosts, *extra, "--restart", "--json",
+                                "--qemu-conf", "/etc/libvirt/qemu.conf", *ssh(fleet)))
     return {r["host"]: r for r in json.loads(proc.stdout)}
+
+
+def qemuca(home, fleet: Fleet, *args: str):
+    """A qemuca command over the fleet's SSH that must succeed."""
+    return assert_ok(run_qemuca(home, *args, *ssh(fleet)))
+
+
+def pair_prediction(home, fleet: Fleet, src: Libvirtd, dst: Libvirtd, *extra: str) -> dict:
+    """`qemuca verify --pair SRC DST --json`: {"result": ..., "failed": {check: detail}}."""
+    proc = run_qemuca(home, "verify", "--pair", src.name, dst.name, *extra, "--json", *ssh(fleet))
+    assert "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads(proc.stdout)
+    report = report[0] if isinstance(report, list) else report
+    return {"result": report["result"],
+            "failed": {c["check"]: c["detail"] for c in report["checks"] if c["result"] == "fail"}}
 
 
 def new_ca(path):
@@ -155,19 +174,205 @@ def test_tls_migration_refused_by_destination_of_other_ca_or_without_certs(tmp_p
     assert one.domains() == {"guest1": "running"}  # the guest never left
 
 
-def test_destination_announcing_its_address_needs_tls_destination(tmp_path, libvirt_fleet):
-    """migration_host = an IP: the URI is tcp://IP:PORT and QEMU checks the IP against
-    the certificate (qemuca issues dNSName SANs only), unless --tls-destination NAME."""
-    fleet, (one, two) = libvirt_fleet(2, announce="address")
+# ------------------------------------------------------------- the catalog of libvirt's QE
+# (autotest/tp-libvirt migration_network_data_transport_tls*, tls_migrate_tls_x509_verify*)
+
+MARKER = b"qemuca-marker-in-guest-memory-" + bytes(range(0x41, 0x5b)) * 2
+MARKER_PATH = "/tmp/qemuca-ram-marker.bin"
+
+
+def plant_ram_marker(*daemons: Libvirtd) -> str:
+    """The file QEMU loads into the guest's RAM (on every host: the destination's QEMU
+    is started with the same arguments)."""
+    for d in daemons:
+        d.host.write(MARKER_PATH, MARKER * (4096 // len(MARKER) + 1), 0o644)
+    return MARKER_PATH
+
+
+@pytest.mark.parametrize("p2p", [False, True], ids=["virsh-drives-both", "p2p"])
+def test_stream_is_tls_only_and_a_plain_migration_is_not(tmp_path, libvirt_fleet, p2p):
+    """On the wire: TLS records, no QEMU stream magic, no byte of the guest's RAM marker;
+    the same guest migrated back without --tls shows both (the capture would see them)."""
+    fleet, (one, two) = libvirt_fleet(2)
     deploy(new_ca(tmp_path / "ca"), fleet, *fleet.names)
+    created = one.create_guest("guest1", ram_marker=plant_ram_marker(one, two))
+    assert created.returncode == 0, failed(created) + one.log_text()
+    extra = ("--p2p",) if p2p else ()
+
+    with capture(tmp_path / "tls.pcap", two.address) as tls:
+        there = migrate(one, two, "guest1", *extra)
+    assert there.returncode == 0, failed(there) + one.log_text() + two.log_text()
+    assert two.domains() == {"guest1": "running"} and one.domains() == {}
+    assert len(tls.data) > 100_000, len(tls.data)  # the guest's RAM went through here
+    assert TLS_APPDATA in tls.data
+    assert QEMU_MAGIC not in tls.data and MARKER[:24] not in tls.data
+
+    with capture(tmp_path / "plain.pcap", one.address) as plain:
+        back = migrate(two, one, "guest1", *extra, tls=False)
+    assert back.returncode == 0, failed(back) + one.log_text() + two.log_text()
+    assert QEMU_MAGIC in plain.data and MARKER[:24] in plain.data  # the control: capture works
+
+
+def test_copy_storage_all_sends_the_disk_over_tls(tmp_path, libvirt_fleet):
+    """--copy-storage-all --tls: the disk goes over NBD with STARTTLS; its content never
+    crosses the wire in clear."""
+    fleet, (one, two) = libvirt_fleet(2)
+    deploy(new_ca(tmp_path / "ca"), fleet, *fleet.names)
+    disk = "/var/lib/libvirt/images/disk1.img"
+    block = MARKER * (65536 // len(MARKER))
+    for d in (one, two):  # the destination's image must exist, of the same size
+        d.host.run(["mkdir", "-p", "/var/lib/libvirt/images"])
+        d.host.write(disk, block * 16 if d is one else b"\0" * len(block) * 16, 0o666)
+    created = one.create_guest("guest1", disk=disk)
+    assert created.returncode == 0, failed(created) + one.log_text()
+    with capture(tmp_path / "nbd.pcap", two.address) as wire:
+        moved = migrate(one, two, "guest1", "--copy-storage-all")
+    assert moved.returncode == 0, failed(moved) + one.log_text() + two.log_text()
+    assert two.domains() == {"guest1": "running"}
+    assert MARKER[:24] in two.host.read(disk)  # the disk arrived...
+    assert MARKER[:24] not in wire.data and QEMU_MAGIC not in wire.data  # ...never in clear
+    assert TLS_APPDATA in wire.data
+
+
+@pytest.mark.parametrize("how", ["announced-address", "migrateuri"])
+def test_an_ip_migration_uri_needs_tls_destination(tmp_path, libvirt_fleet, how):
+    """A migration network by IP (announced by the destination, or --migrateuri): QEMU
+    checks the IP against the certificate (dNSName SANs only) and refuses, unless
+    --tls-destination NAME; `verify --pair --tls-destination IP` says the same first."""
+    fleet, (one, two) = libvirt_fleet(2, **({"announce": "address"} if how == "announced-address" else {}))
+    home = new_ca(tmp_path / "ca")
+    deploy(home, fleet, *fleet.names)
     created = one.create_guest("guest1")
     assert created.returncode == 0, failed(created) + one.log_text()
+    uri = () if how == "announced-address" else ("--migrateuri", f"tcp://{two.address}")
 
-    by_address = migrate(one, two, "guest1")
+    by_address = migrate(one, two, "guest1", *uri)
     assert by_address.returncode != 0
     assert f"Certificate does not match the hostname {two.address}" in by_address.stderr, failed(by_address)
     assert one.domains() == {"guest1": "running"}
+    predicted = pair_prediction(home, fleet, one, two, "--tls-destination", two.address)
+    assert predicted["result"] == "fail"
+    assert f"{two.address} is not among" in predicted["failed"]["destination name in SANs"], predicted
 
-    named = migrate(one, two, "guest1", "--tls-destination", two.name)
+    assert pair_prediction(home, fleet, one, two, "--tls-destination", two.name)["result"] == "pass"
+    named = migrate(one, two, "guest1", *uri, "--tls-destination", two.name)
     assert named.returncode == 0, failed(named) + one.log_text() + two.log_text()
     assert two.domains() == {"guest1": "running"} and one.domains() == {}
+
+
+def test_hosts_of_another_ca_are_refused_both_ways(tmp_path, libvirt_fleet):
+    fleet, (one, stranger) = libvirt_fleet(2)
+    home = new_ca(tmp_path / "ca")
+    deploy(home, fleet, one.name)
+    deploy(new_ca(tmp_path / "other-ca"), fleet, stranger.name)
+    for src, dst in ((one, stranger), (stranger, one)):
+        guest = f"from-{src.name.split('.')[0]}"
+        created = src.create_guest(guest)
+        assert created.returncode == 0, failed(created) + src.log_text()
+        refused = migrate(src, dst, guest)
+        assert refused.returncode != 0, failed(refused)
+        assert "The certificate hasn't got a known issuer" in refused.stderr, failed(refused)
+        assert guest not in dst.domains() and src.domains()[guest] == "running"
+    predicted = pair_prediction(home, fleet, one, stranger)
+    assert predicted["result"] == "fail" and "source trusts destination" in predicted["failed"], predicted
+
+
+def _break(case: str, src: Libvirtd, dst: Libvirtd) -> None:
+    if case == "no-client-cert-on-source":
+        for name in ("client-cert.pem", "client-key.pem"):
+            src.host.run(["rm", f"{CERT_DIR}/{name}"])
+    elif case == "no-server-cert-on-destination":
+        for name in ("server-cert.pem", "server-key.pem"):
+            dst.host.run(["rm", f"{CERT_DIR}/{name}"])
+    elif case == "wrong-hostname-in-cert":
+        # The destination was renamed after its certificate was issued: it announces the
+        # new name (migration_host, hostname -f), which its certificate does not carry.
+        new = "renamed.qemu.test"
+        for d in (src, dst):
+            d.write_hosts([(dst.address, new)])
+        dst.host.run(["hostname", new])
+        conf = dst.host.read("/etc/libvirt/qemu.conf").decode()
+        dst.host.write("/etc/libvirt/qemu.conf",
+                       conf.replace(f'migration_host = "{dst.name}"', f'migration_host = "{new}"'), 0o600)
+        dst.restart()
+
+
+# case: (what libvirt says, what the destination's QEMU log says, the failing
+#        verify --pair check and a word of its detail)
+BROKEN = {
+    "no-client-cert-on-source": ("Cannot write to TLS channel", "Verify failed: No certificate was found",
+                                 "source files", "client-cert.pem"),
+    "no-server-cert-on-destination": (f"Unable to access credentials {CERT_DIR}/server-cert.pem", "",
+                                      "destination files", "server-cert.pem"),
+    "wrong-hostname-in-cert": ("Certificate does not match the hostname renamed.qemu.test", "",
+                               "destination name in SANs", "renamed.qemu.test is not among"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_each_broken_set_fails_in_libvirt_as_verify_pair_predicts(tmp_path, libvirt_fleet, case):
+    fleet, (one, two) = libvirt_fleet(2)
+    home = new_ca(tmp_path / "ca")
+    deploy(home, fleet, *fleet.names)
+    assert pair_prediction(home, fleet, one, two)["result"] == "pass"
+    created = one.create_guest("guest1")
+    assert created.returncode == 0, failed(created) + one.log_text()
+    _break(case, one, two)
+    said, said_there, check, detail = BROKEN[case]
+
+    predicted = pair_prediction(home, fleet, one, two)
+    assert predicted["result"] == "fail", predicted
+    assert detail in predicted["failed"].get(check, ""), predicted
+    result = migrate(one, two, "guest1")
+    assert result.returncode != 0, failed(result)
+    assert said in result.stderr, failed(result) + two.log_text()
+    assert said_there in two.qemu_log("guest1"), two.qemu_log("guest1")
+    assert one.domains() == {"guest1": "running"} and two.domains() == {}
+
+
+@pytest.mark.parametrize("verify", [1, 0])
+def test_destination_verify_setting_decides_on_a_source_without_client_cert(tmp_path, libvirt_fleet, verify):
+    """migrate_tls_x509_verify = 1 (qemuca's value): the destination refuses a source
+    that presents no certificate; = 0 (an admin's earlier line): it lets it in."""
+    fleet, (one, two) = libvirt_fleet(2)
+    deploy(new_ca(tmp_path / "ca"), fleet, *fleet.names)
+    for name in ("client-cert.pem", "client-key.pem"):
+        one.host.run(["rm", f"{CERT_DIR}/{name}"])
+    if verify == 0:
+        conf = two.host.read("/etc/libvirt/qemu.conf").decode()
+        two.host.write("/etc/libvirt/qemu.conf", "migrate_tls_x509_verify = 0\n" + conf, 0o600)
+        two.restart()
+    created = one.create_guest("guest1")
+    assert created.returncode == 0, failed(created) + one.log_text()
+    result = migrate(one, two, "guest1")
+    if verify:
+        assert result.returncode != 0, failed(result)
+        assert "Verify failed: No certificate was found" in two.qemu_log("guest1")
+        assert one.domains() == {"guest1": "running"}
+    else:
+        assert result.returncode == 0, failed(result) + two.log_text()
+        assert two.domains() == {"guest1": "running"}
+
+
+def test_force_tls_refuses_plain_migrations_both_ways(tmp_path, libvirt_fleet):
+    """deploy --force-tls (migrate_tls_force = 1): without --tls libvirt refuses as source
+    and as destination; with --tls the guest moves."""
+    fleet, (one, two, plain) = libvirt_fleet(3)
+    home = new_ca(tmp_path / "ca")
+    deploy(home, fleet, one.name, two.name, extra=("--issue", "--force-tls"))
+    deploy(home, fleet, plain.name)
+    for d in (one, two):
+        assert "migrate_tls_force = 1" in d.host.read("/etc/libvirt/qemu.conf").decode()
+    created = one.create_guest("guest1")
+    assert created.returncode == 0, failed(created) + one.log_text()
+    as_source = migrate(one, plain, "guest1", tls=False)
+    assert as_source.returncode != 0 and "allows migration only with VIR_MIGRATE_TLS" in as_source.stderr, \
+        failed(as_source)
+    other = plain.create_guest("guest2")
+    assert other.returncode == 0, failed(other) + plain.log_text()
+    as_destination = migrate(plain, one, "guest2", tls=False)
+    assert as_destination.returncode != 0, failed(as_destination)
+    assert "allows migration only with VIR_MIGRATE_TLS" in as_destination.stderr, failed(as_destination)
+    ok = migrate(one, two, "guest1")
+    assert ok.returncode == 0, failed(ok) + two.log_text()
+    assert two.domains() == {"guest1": "running"}

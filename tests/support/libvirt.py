@@ -182,7 +182,7 @@ migration_port_max = {port_max}
 """
 
 GUEST_XML = """\
-<domain type='qemu'>
+<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
@@ -193,10 +193,22 @@ GUEST_XML = """\
   <devices>
     <emulator>{emulator}</emulator>
     <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
+    <memballoon model='none'/>{disk}
+  </devices>{extra}
 </domain>
 """
+DISK_XML = """
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{path}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>"""
+# A file QEMU loads into guest RAM at 16 MiB (its loader device), to find on the wire.
+RAM_MARKER_XML = """
+  <qemu:commandline>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='loader,file={path},addr=0x1000000,force-raw=on'/>
+  </qemu:commandline>"""
 
 _addresses = itertools.count(1)
 _caps_lock = threading.Lock()
@@ -466,10 +478,16 @@ class Libvirtd:
                     shutil.copy2(f, _caps_dir() / f.name)
 
     # -- guests -----------------------------------------------------------------------
-    def create_guest(self, name: str = "guest1", memory_mib: int = 32) -> subprocess.CompletedProcess:
-        """Start a transient guest (TCG, no disk, no NIC, no display) with `virsh create`."""
+    def create_guest(self, name: str = "guest1", memory_mib: int = 32, disk: str | None = None,
+                     ram_marker: str | None = None) -> subprocess.CompletedProcess:
+        """Start a transient guest (TCG, no NIC, no display) with `virsh create`; `disk`: a
+        raw image path in the host; `ram_marker`: a file (in every host the guest goes to)
+        that QEMU loads into the guest's RAM."""
         xml = self.dir / f"{name}.xml"
-        xml.write_text(GUEST_XML.format(name=name, memory_mib=memory_mib, emulator=QEMU_BINARY))
+        xml.write_text(GUEST_XML.format(
+            name=name, memory_mib=memory_mib, emulator=QEMU_BINARY,
+            disk=DISK_XML.format(path=disk) if disk else "",
+            extra=RAM_MARKER_XML.format(path=ram_marker) if ram_marker else ""))
         return self.virsh("create", str(xml))
 
     def domains(self) -> dict[str, str]:

@@ -11,11 +11,16 @@ that has none, must refuse with libvirt's own error while the guest keeps runnin
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
+import time
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from tests.support.capture import QEMU_MAGIC, TLS_APPDATA, capture
-from tests.support.fakehosts import Fleet
+from tests.support.fakehosts import DEFAULT_QEMU_CONF, Fleet
 from tests.support.libvirt import QEMU_USER, Libvirtd, migrate, require_libvirt_tools, start_libvirtds
 from tests.support.pki import assert_ok, run_qemuca
 
@@ -32,8 +37,8 @@ def libvirt_fleet(fleet_factory):
     require_libvirt_tools()
     started: list[Libvirtd] = []
 
-    def make(n: int, **kw):
-        fleet = fleet_factory(n)
+    def make(n: int = 2, fleet: Fleet | None = None, **kw):
+        fleet = fleet or fleet_factory(n)
         daemons = start_libvirtds(list(fleet), log_filters=MONITOR_LOG, **kw)
         started.extend(daemons)
         return fleet, daemons
@@ -80,11 +85,15 @@ def new_ca(path):
 
 
 def assert_runs_as_qemu_user(d: Libvirtd, domain: str) -> None:
-    """The guest's QEMU runs as the host's libvirt-qemu user and group (real,
+    assert_runs_as(d, domain, QEMU_USER)
+
+
+def assert_runs_as(d: Libvirtd, domain: str, user: str) -> None:
+    """The guest's QEMU runs as the host's `user` and that user's group (real,
     effective, saved and fs ids), not as root."""
     with open(f"/proc/{d.domain_pid(domain)}/status") as f:
         status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-    uid, gid = ids_of(d, "/etc/passwd", QEMU_USER)[2], ids_of(d, "/etc/group", QEMU_USER)[2]
+    uid, gid = ids_of(d, "/etc/passwd", user)[2], ids_of(d, "/etc/passwd", user)[3]
     assert uid != "0" and gid != "0"
     assert set(status["Uid"].split()) == {uid}, (d.name, status["Uid"])
     assert set(status["Gid"].split()) == {gid}, (d.name, status["Gid"])
@@ -376,3 +385,106 @@ def test_force_tls_refuses_plain_migrations_both_ways(tmp_path, libvirt_fleet):
     ok = migrate(one, two, "guest1")
     assert ok.returncode == 0, failed(ok) + two.log_text()
     assert two.domains() == {"guest1": "running"}
+
+
+class PingPong:
+    """A guest migrated back and forth between two daemons, over and over, in a thread,
+    while the test rotates credentials; every migration's result is kept."""
+
+    def __init__(self, a: Libvirtd, b: Libvirtd, guest: str):
+        self.hosts, self.guest = (a, b), guest
+        self.results: list[tuple[str, str, subprocess.CompletedProcess]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        src, dst = self.hosts
+        while not self._stop.is_set():
+            proc = migrate(src, dst, self.guest)
+            self.results.append((src.name, dst.name, proc))
+            if proc.returncode == 0:
+                src, dst = dst, src
+            else:
+                self._stop.wait(0.5)
+
+    def __enter__(self) -> PingPong:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=300)
+
+    def after(self, step: str, more: int = 2) -> None:
+        """Wait until `more` further migrations have run since this step."""
+        start = len(self.results)
+        deadline = time.monotonic() + 300
+        while len(self.results) < start + more:
+            assert self._thread.is_alive() and time.monotonic() < deadline, f"no migration after {step}"
+            time.sleep(0.1)
+
+    def failures(self) -> list[str]:
+        return [f"{s} -> {d}: {p.stderr.strip()}" for s, d, p in self.results if p.returncode != 0]
+
+
+def test_rotation_while_a_guest_migrates_back_and_forth(tmp_path, libvirt_fleet):
+    """renew, rekey, then a whole CA rollover (start, two-CA bundle, rekey host by host,
+    finish), all during live TLS migrations: not one of them fails."""
+    fleet, (one, two) = libvirt_fleet(2)
+    home = new_ca(tmp_path / "ca")
+    deploy(home, fleet, *fleet.names)
+    first_ca = x509.load_pem_x509_certificate(one.host.read(f"{CERT_DIR}/ca-cert.pem"))
+    created = one.create_guest("guest1")
+    assert created.returncode == 0, failed(created) + one.log_text()
+    steps = [("renew", one.name, two.name), ("rekey", one.name, two.name), ("ca", "rollover", "start"),
+             ("deploy", "--bundle-only", "--all"), ("rekey", one.name), ("rekey", two.name),
+             ("ca", "rollover", "finish")]
+    with PingPong(one, two, "guest1") as moves:
+        moves.after("start")
+        for step in steps:
+            remote = step[0] != "ca" or step[2] == "finish"
+            (qemuca(home, fleet, *step) if remote else assert_ok(run_qemuca(home, *step)))
+            moves.after(" ".join(step))
+    assert moves.failures() == [], moves.failures()
+    assert len(moves.results) >= 2 * (len(steps) + 1)
+    for d in (one, two):  # the rollover went all the way: one CA, not the first one
+        bundle = x509.load_pem_x509_certificates(d.host.read(f"{CERT_DIR}/ca-cert.pem"))
+        assert [c.fingerprint(hashes.SHA256()) for c in bundle] != [first_ca.fingerprint(hashes.SHA256())]
+        assert len(bundle) == 1
+    assert json.loads(assert_ok(run_qemuca(home, "ca", "status", "--json")).stdout)["stage"] == "none"
+
+
+def test_qemu_group_follows_libvirt_not_the_group_names_a_host_has(tmp_path, fleet_factory, libvirt_fleet):
+    """A Debian host that also has a `qemu` group keeps root:libvirt-qemu (libvirt's QEMU is
+    not in `qemu`: a set owned by it fails every migration); a RHEL-like host whose libvirt
+    runs QEMU as qemu:qemu gets root:qemu. Guests migrate both ways as each host's user."""
+    fleet = fleet_factory(0)
+    fleet.add_host("debian.qemu.test", extra_groups=["qemu"])
+    fleet.add_host("rhel.qemu.test", distro="rhel",
+                   qemu_conf=DEFAULT_QEMU_CONF + 'user = "qemu"\ngroup = "qemu"\n')
+    fleet, (debian, rhel) = libvirt_fleet(fleet=fleet)
+    reports = deploy(new_ca(tmp_path / "ca"), fleet, *fleet.names)
+    assert reports[debian.name]["qemu_group"]["name"] == "libvirt-qemu", reports[debian.name]
+    assert reports[rhel.name]["qemu_group"] == {"name": "qemu", "gid": 107, "source": "qemu.conf group (line 3)"}
+    for d, group in ((debian, "libvirt-qemu"), (rhel, "qemu")):
+        owner = d.host.run(["stat", "-L", "-c", "%U:%G", f"{CERT_DIR}/server-key.pem"]).stdout.decode().strip()
+        assert owner == f"root:{group}", (d.name, owner)
+    created = debian.create_guest("guest1")
+    assert created.returncode == 0, failed(created) + debian.log_text()
+    for src, dst, user in ((debian, rhel, "qemu"), (rhel, debian, QEMU_USER)):
+        moved = migrate(src, dst, "guest1")
+        assert moved.returncode == 0, failed(moved) + dst.log_text()
+        assert_runs_as(dst, "guest1", user)
+    # What deploy once did on such a host: the key readable by the `qemu` group only.
+    # libvirt's QEMU cannot load it, and verify says so first, naming the group it wants.
+    home = tmp_path / "ca"
+    debian.host.run(["chgrp", "qemu", f"{CERT_DIR}/server-key.pem"])
+    proc = run_qemuca(home, "verify", debian.name, "--json", *ssh(fleet))
+    checks = {c["check"]: c for c in json.loads(proc.stdout)[0]["checks"]}
+    assert checks["file server-key.pem"]["result"] == "fail", checks["file server-key.pem"]
+    assert "QEMU runs as group libvirt-qemu" in checks["file server-key.pem"]["detail"]
+    refused = migrate(debian, rhel, "guest1")  # the guest is on debian: its QEMU is the client
+    assert refused.returncode != 0, failed(refused)
+    assert "Cannot load certificate" in refused.stderr and "Error while reading file" in refused.stderr, \
+        failed(refused)
+    assert debian.domains() == {"guest1": "running"}

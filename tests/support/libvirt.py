@@ -350,6 +350,7 @@ class Libvirtd:
         for folder, target in PRIVATE_DIRS:
             args += [str(d / folder), target]
         self.host.run(["sh", "-c", MOUNT_SCRIPT, "mount-libvirt", *args], timeout=TIMEOUT)
+        self._add_build_default_user()
         self._append_qemu_conf()
         self.write_hosts(hosts_entries)
         self._ready = True
@@ -364,6 +365,17 @@ class Libvirtd:
                 if not names & set(line.split("#")[0].split()[1:])]
         lines = [f"{a}\t{n} {n.split('.')[0]}" for n, a in entries.items()]
         self.host.write("/etc/hosts", "\n".join(kept + lines) + "\n")
+
+    def _add_build_default_user(self) -> None:
+        """Debian's libvirtd looks up its build default user (libvirt-qemu) at start even
+        when qemu.conf names another: a RHEL-like fake host (whose own libvirt would be
+        built with qemu:qemu) gets that user too, and names user/group in qemu.conf."""
+        passwd = self.host.read("/etc/passwd").decode()
+        if any(line.split(":")[0] == QEMU_USER for line in passwd.splitlines()):
+            return
+        group = self.host.read("/etc/group").decode()
+        self.host.write("/etc/passwd", passwd + f"{QEMU_USER}:x:64055:64055::/var/lib/libvirt:/sbin/nologin\n")
+        self.host.write("/etc/group", group + f"{QEMU_USER}:x:64055:\n")
 
     def _append_qemu_conf(self) -> None:
         path = "/etc/libvirt/qemu.conf"
@@ -399,14 +411,15 @@ class Libvirtd:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         while True:
             if self.pid and self.socket.exists():
                 r = self.virsh("uri", timeout=timeout)
                 if r.returncode == 0:
                     return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: libvirtd not ready after {timeout} s\n{self.log_text()}")
+            if (not self.pid and time.monotonic() - start > 10) or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: libvirtd not ready (pid {self.pid or 'gone'})\n{self.log_text()}")
             time.sleep(0.05)
 
     def stop(self) -> None:

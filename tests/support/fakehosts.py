@@ -257,7 +257,7 @@ class FakeHost:
     def kill(self) -> None:
         """SIGKILL sshd and every process inside the host (its sessions, a QEMU run with
         `prefix`): a crashed host. Returns once all are really gone."""
-        self._kill_members(include_anchor=False)
+        self._kill_members()
 
     def restart(self) -> None:
         """Start sshd again on the same port, with the host's files as they are."""
@@ -268,15 +268,19 @@ class FakeHost:
     def freeze(self) -> None:
         """SIGSTOP every process inside the host: a hung host (TCP connects, then
         nothing answers). thaw() resumes them."""
-        self._signal_members(signal.SIGSTOP, include_anchor=False)
+        self._signal_members(signal.SIGSTOP)
 
     def thaw(self) -> None:
-        self._signal_members(signal.SIGCONT, include_anchor=False)
+        self._signal_members(signal.SIGCONT)
 
     def stop(self) -> None:
         """Kill everything in the host, the anchor too; the namespaces and mounts go."""
+        # The members first, while the anchor still holds the namespace: once it is freed,
+        # the kernel may give its number to a new namespace (another fleet's host), and
+        # matching by that number would then kill a stranger. The anchor is our child,
+        # killed through its handle.
         if self._mntns:
-            self._kill_members(include_anchor=True)
+            self._kill_members()
         for proc in (self._sshd, self._anchor):
             if proc and proc.poll() is None:
                 proc.kill()
@@ -342,10 +346,11 @@ class FakeHost:
             time.sleep(0.01)
 
     # -- the host's processes ---------------------------------------------------------
-    def _members(self, include_anchor: bool) -> list[int]:
+    def _members(self) -> list[int]:
+        """Every process in the host's mount namespace but the anchor."""
         pids = []
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and (include_anchor or int(entry) != self.anchor_pid):
+            if entry.isdigit() and int(entry) != self.anchor_pid:
                 try:
                     if os.readlink(f"/proc/{entry}/ns/mnt") == self._mntns:
                         pids.append(int(entry))
@@ -353,8 +358,8 @@ class FakeHost:
                     pass  # exited, or a zombie
         return pids
 
-    def _signal_members(self, sig: int, include_anchor: bool) -> list[int]:
-        pids = self._members(include_anchor)
+    def _signal_members(self, sig: int) -> list[int]:
+        pids = self._members()
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -362,11 +367,11 @@ class FakeHost:
                 pass
         return pids
 
-    def _kill_members(self, include_anchor: bool) -> None:
+    def _kill_members(self) -> None:
         deadline = time.monotonic() + TIMEOUT
         killed: set[int] = set()
         while True:  # again and again: a process may fork while we enumerate
-            pids = self._signal_members(signal.SIGKILL, include_anchor)
+            pids = self._signal_members(signal.SIGKILL)
             killed.update(pids)
             if not pids:
                 break

@@ -1,12 +1,13 @@
 """qemuca's main job end to end on a throwaway fleet on loopback (run by scripts/demo.sh).
 
-Three fake hypervisors, exactly like the test suite's (a real sshd each on 127.0.0.1, its
-own mount and UTS namespaces, its own /etc): a QEMU CA with an encrypted key, keys made
-on the hosts (enroll), qemu.conf's TLS settings, every check verify makes, real
-encrypted QEMU migrations between the hosts (probe), the monitoring check, and a
-rotation (renew) while migrations keep running. Each step is printed as you would type
-it, then its output. Everything is removed at the end, on failure and on Ctrl-C too;
---keep leaves the fleet up (until Ctrl-C) and says how to use it.
+Three fake hypervisors, exactly like the test suite's (a real sshd and a real libvirtd
+each, in its own mount and UTS namespaces, with its own /etc): a QEMU CA with an
+encrypted key, keys made on the hosts (enroll), qemu.conf's TLS settings and libvirtd
+restarted, every check verify makes, a real encrypted QEMU migration (probe), a guest
+moved by `virsh migrate --live --tls`, the monitoring check, and a rotation (renew)
+while libvirt keeps migrating the guest back and forth. Each step is printed as you
+would type it, then its output. Everything is removed at the end, on failure and on
+Ctrl-C too; --keep leaves the fleet up (until Ctrl-C) and says how to use it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.fakehosts import DEFAULT_QEMU_CONF, start_fleet  # noqa: E402
+from tests.support.libvirt import Libvirtd, start_libvirtds  # noqa: E402
 
 HOSTS = ["hv1.demo.test", "hv2.demo.test", "hv3.demo.test"]
 STOCK_QEMU_CONF = ROOT / "tests" / ".cache" / "qemu.conf"  # Debian's, by fetch-stock-qemu-conf.sh
@@ -65,16 +67,31 @@ def probe_once(env: dict, src: str, dst: str) -> dict:
     return report
 
 
-def rotate_while_migrating(env: dict) -> None:
-    """renew every host while probes keep migrating hv1 -> hv2 and back, then count."""
-    results: List[dict] = []
+def virsh_migrate(src: Libvirtd, dst: Libvirtd, guest: str, show: bool = True) -> subprocess.CompletedProcess:
+    """`virsh migrate --live --tls` as an admin types it (the socket URIs of the fake hosts)."""
+    args = ["migrate", "--live", "--tls", guest, dst.uri]
+    if show:
+        print(f"$ virsh -c '{src.uri}' {' '.join(shlex.quote(a) for a in args)}", flush=True)
+    proc = src.virsh(*args, timeout=120)
+    if show:
+        print((proc.stdout + proc.stderr).strip() or f"{guest}: now running on {dst.name}", flush=True)
+    return proc
+
+
+def rotate_while_migrating(env: dict, a: Libvirtd, b: Libvirtd, guest: str) -> None:
+    """renew every host while libvirt keeps migrating the guest a -> b and back."""
+    results: List[subprocess.CompletedProcess] = []
     stop = threading.Event()
 
     def migrate_back_and_forth() -> None:
-        pair = (HOSTS[0], HOSTS[1])
+        src, dst = a, b
         while not stop.is_set() or len(results) < 2:
-            results.append(probe_once(env, *pair))
-            pair = (pair[1], pair[0])
+            proc = virsh_migrate(src, dst, guest, show=False)
+            results.append(proc)
+            if proc.returncode == 0:
+                src, dst = dst, src
+            else:
+                time.sleep(0.5)
 
     worker = threading.Thread(target=migrate_back_and_forth)
     worker.start()
@@ -83,10 +100,11 @@ def rotate_while_migrating(env: dict) -> None:
     finally:
         stop.set()
         worker.join()
-    failed = [r for r in results if r.get("result") != "pass"]
-    print(f"{len(results)} encrypted migrations ran during the rotation, {len(failed)} failed", flush=True)
+    failed = [r for r in results if r.returncode != 0]
+    print(f"{len(results)} live TLS migrations by libvirt ran during the rotation, {len(failed)} failed",
+          flush=True)
     if failed:
-        raise DemoFailed(f"a migration failed during the rotation: {failed[0].get('error')}")
+        raise DemoFailed(f"a migration failed during the rotation: {failed[0].stderr.strip()}")
 
 
 def run_demo(work: Path, keep: bool) -> None:
@@ -98,33 +116,46 @@ def run_demo(work: Path, keep: bool) -> None:
     qemu_conf = STOCK_QEMU_CONF.read_text() if STOCK_QEMU_CONF.is_file() else DEFAULT_QEMU_CONF
     fleet = start_fleet(len(HOSTS), work / "fleet", names=HOSTS, qemu_conf=qemu_conf)
     try:
-        for h in fleet:
-            print(f"{h.name}: sshd on 127.0.0.1:{h.port}")
+        daemons = start_libvirtds(list(fleet))
+        for h, d in zip(fleet, daemons):
+            print(f"{h.name}: sshd on 127.0.0.1:{h.port}, libvirtd (migrations on {d.address})")
         env.update(QEMUCA_HOME=str(work / "ca"), QEMUCA_PASSPHRASE_FILE=str(passphrase),
                    QEMUCA_SSH_CONFIG=str(fleet.ssh_config), QEMUCA_KNOWN_HOSTS=str(fleet.known_hosts))
         print("export QEMUCA_HOME QEMUCA_PASSPHRASE_FILE  # the store and its passphrase file\n"
               "export QEMUCA_SSH_CONFIG QEMUCA_KNOWN_HOSTS  # the fleet's ssh_config, known_hosts")
         say("the QEMU CA, its key encrypted with the passphrase file")
         qemuca("init", "--org", "qemuca demo", env=env)
-        say("enroll: keys made on the hosts, CSRs signed here; sets and qemu.conf placed")
-        qemuca("enroll", *HOSTS, "--force-tls", env=env)
+        say("enroll: keys made on the hosts, CSRs signed here; sets and qemu.conf placed, libvirtd restarted")
+        qemuca("enroll", *HOSTS, "--force-tls", "--restart", env=env)
         say("verify: every check QEMU and libvirt make, per host")
         qemuca("verify", "--all", env=env)
         say("probe: a real encrypted QEMU migration between two hosts; a plain one refused")
         qemuca("probe", HOSTS[0], HOSTS[1], *LOOPBACK, env=env)
+        say("libvirt: a guest on hv1 moved live over TLS, as admins do it")
+        one, two = daemons[0], daemons[1]
+        created = one.create_guest("guest1")
+        if created.returncode != 0:
+            raise DemoFailed(f"virsh create: {created.stderr.strip()}")
+        if virsh_migrate(one, two, "guest1").returncode != 0:
+            raise DemoFailed("virsh migrate --live --tls failed")
+        plain = two.virsh("migrate", "--live", "guest1", one.uri)
+        print(f"without --tls (migrate_tls_force = 1): {(plain.stderr or plain.stdout).strip()}", flush=True)
+        if plain.returncode == 0:
+            raise DemoFailed("a plain migration went through despite migrate_tls_force")
         say("monitoring: OK / WARNING / CRITICAL")
         qemuca("check", env=env)
-        say("rotation: renew every host while migrations keep running")
-        rotate_while_migrating(env)
+        say("rotation: renew every host while libvirt keeps migrating the guest back and forth")
+        rotate_while_migrating(env, two, one, "guest1")
         qemuca("list", env=env)
         qemuca("verify", "--all", env=env, show=False)
-        print("\nqemuca demo: OK (CA, enrolled hosts, qemu.conf, verify, encrypted migrations,\n"
-              "check, and a rotation without a failed migration)", flush=True)
+        print("\nqemuca demo: OK (CA, enrolled hosts, qemu.conf, verify, encrypted migrations by\n"
+              "QEMU and by libvirt, check, and a rotation without a failed migration)", flush=True)
         if keep:
             print("\nThe fleet stays up until Ctrl-C. In another shell:\n"
                   f"  export QEMUCA_HOME={env['QEMUCA_HOME']} QEMUCA_PASSPHRASE_FILE={passphrase}\n"
                   f"  export QEMUCA_SSH_CONFIG={fleet.ssh_config} QEMUCA_KNOWN_HOSTS={fleet.known_hosts}\n"
                   f"  {ROOT}/.venv/bin/qemuca probe --matrix --all\n"
+                  f"  virsh -c '{daemons[0].uri}' list --all\n"
                   f"  ssh -F {fleet.ssh_config} {HOSTS[0]} ls -l /etc/pki/qemu", flush=True)
             while True:
                 time.sleep(3600)

@@ -15,6 +15,7 @@ any qemuca.hosts.fs.FS.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import posixpath
 import re
@@ -266,7 +267,8 @@ def parse(data: Union[bytes, str], path: str = "qemu.conf") -> Document:
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """What `apply` writes. force None leaves migrate_tls_force to the rest of the file."""
+    """What `apply` writes. force None leaves migrate_tls_force as it is: the value our
+    section already holds (a renew must not drop an earlier --force-tls), else none."""
 
     cert_dir: str = DEFAULT_CERT_DIR
     verify: bool = True
@@ -335,6 +337,10 @@ def apply_tls(doc: Document, settings: TlsSettings) -> Document:
     """The document with our section holding `settings` (rewritten in place if present,
     else appended) and every other active line of those keys disabled."""
     settings.validate()
+    if settings.force is None:
+        ours = _section_value(doc, FORCE)
+        if ours is not None:
+            settings = dataclasses.replace(settings, force=bool(ours))
     lines, at = _unapply(doc)
     base = _reparse(lines, doc.path)
     entries = settings.entries()
@@ -361,6 +367,14 @@ def apply_tls(doc: Document, settings: TlsSettings) -> Document:
     result = _reparse(lines, doc.path)
     _check_ours_first(result, keys)
     return result
+
+
+def _section_value(doc: Document, key: str):
+    """The value of `key` inside our section, or None."""
+    section = doc.section()
+    if section is None:
+        return None
+    return next((s.value for s in doc.settings if s.name == key and section[0] < s.line < section[1]), None)
 
 
 def _check_ours_first(doc: Document, keys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import string
@@ -153,9 +154,12 @@ def test_apply_is_idempotent_lossless_and_touches_only_our_lines(text, tls):
 @PROPS
 @given(qemu_conf_texts(), tls_settings, tls_settings)
 def test_changing_options_equals_applying_them_fresh(text, first, second):
+    """...with one exception: an apply that does not mention force keeps the one already
+    applied (the effective settings are then `second` with `first`'s force)."""
     doc = qc.parse(text)
     again = qc.apply_tls(qc.apply_tls(doc, first), second)
-    assert again.text == qc.apply_tls(doc, second).text
+    effective = second if second.force is not None else dataclasses.replace(second, force=first.force)
+    assert again.text == qc.apply_tls(doc, effective).text
 
 
 @PROPS
@@ -269,16 +273,17 @@ def test_disabled_lines_and_section_look():
 
 
 def test_section_is_rewritten_in_place_and_lines_restored_when_no_longer_managed():
-    text = "migrate_tls_force = 0\nx = 1\n"
-    first = qc.apply_tls(qc.parse(text), qc.TlsSettings(force=True))
+    text = 'default_tls_x509_cert_dir = "/old"\nx = 1\n'
+    first = qc.apply_tls(qc.parse(text), qc.TlsSettings(default_dir=True))
     # Move our section to the top by hand: later applies keep it there.
     lines = first.lines()
     b, e = first.section()
     moved = "".join(lines[b - 1:e] + lines[:b - 1])
     second = qc.apply_tls(qc.parse(moved), qc.TlsSettings(cert_dir="/new"))
     assert second.text.startswith(qc.BEGIN_MARKER)
-    assert "migrate_tls_force = 0\nx = 1\n" in second.text  # no longer ours: restored
-    assert second.first(qc.CERT_DIR).value == "/new" and second.first(qc.FORCE).line == second.section()[1] + 1
+    assert 'default_tls_x509_cert_dir = "/old"\nx = 1\n' in second.text  # no longer ours: restored
+    assert second.first(qc.CERT_DIR).value == "/new"
+    assert second.first(qc.DEFAULT_DIR).line == second.section()[1] + 1
     assert qc.remove_tls(second).text == text
 
 
@@ -435,3 +440,14 @@ def test_documented_default_is_the_stock_comment():
     assert edited.documented_default("group") is None
     assert edited.first("group").value == "kvm"
     assert qc.parse(b'  #group = "qemu"\n').documented_default("group") is None  # not a column-1 comment
+
+
+def test_force_is_kept_by_a_later_apply_that_does_not_mention_it():
+    """enroll --force-tls, then renew (no option): libvirt must still refuse plain migrations."""
+    forced = qc.apply_tls(qc.parse(b"# stock\n"), qc.TlsSettings(force=True))
+    again = qc.apply_tls(forced, qc.TlsSettings())
+    assert again.text == forced.text and again.first(qc.FORCE).value == 1
+    off = qc.apply_tls(forced, qc.TlsSettings(force=False))
+    assert off.first(qc.FORCE).value == 0
+    assert qc.apply_tls(off, qc.TlsSettings()).first(qc.FORCE).value == 0
+    assert qc.apply_tls(qc.parse(b""), qc.TlsSettings()).first(qc.FORCE) is None  # never asked: absent

@@ -385,6 +385,11 @@ def test_force_tls_refuses_plain_migrations_both_ways(tmp_path, libvirt_fleet):
     ok = migrate(one, two, "guest1")
     assert ok.returncode == 0, failed(ok) + two.log_text()
     assert two.domains() == {"guest1": "running"}
+    # A later renew (no --force-tls given) keeps the setting: plain is still refused.
+    qemuca(home, fleet, "renew", one.name, two.name, "--restart")
+    assert "migrate_tls_force = 1" in two.host.read("/etc/libvirt/qemu.conf").decode()
+    still = migrate(two, one, "guest1", tls=False)
+    assert still.returncode != 0 and "allows migration only with VIR_MIGRATE_TLS" in still.stderr, failed(still)
 
 
 class PingPong:

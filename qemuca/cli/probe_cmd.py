@@ -19,6 +19,7 @@ from qemuca.findings import FAIL
 from qemuca.names import host_name
 from qemuca.ops import probe
 from qemuca.ops.probe import Revocations, rate
+from qemuca.ops.probe.libvirt import probe_pair_libvirt
 from qemuca.ops.probe.report import DEFAULT_RAM_MIB
 from qemuca.text import printable
 
@@ -43,6 +44,9 @@ from qemuca.text import printable
               help="Guest RAM in MiB (filled with data, so the throughput means something).")
 @click.option("--compare-plain", is_flag=True,
               help="Also migrate the same guest without TLS and report the throughput ratio TLS / plain.")
+@click.option("--libvirt", "use_libvirt", is_flag=True,
+              help="Migrate with libvirt itself: a throwaway guest moved by 'virsh migrate --live "
+                   "--tls' between the hosts' daemons (virsh here, over the same SSH connections).")
 @cert_dir_option("Where the hosts keep their QEMU credentials.")
 @qemu_conf_option("libvirt's QEMU driver configuration on the destination (reported, not changed).")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1), as with verify and doctor.")
@@ -50,7 +54,7 @@ from qemuca.text import printable
 @json_option
 @click.pass_obj
 def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address, port, ram_mib,
-              compare_plain, cert_dir, qemu_conf_path, strict, parallel, as_json):
+              compare_plain, use_libvirt, cert_dir, qemu_conf_path, strict, parallel, as_json):
     """Run a real encrypted test migration from SRC to DST, with QEMU, over SSH.
 
     \b
@@ -71,6 +75,13 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
 
     --timeout (default 60 s) bounds one whole probe; QEMU is killed on the hosts 10 s
     after that in any case.
+
+    With --libvirt the migration is libvirt's own: a 32 MiB transient guest is started
+    through SRC's daemon, moved by 'virsh migrate --live --tls' (with --tls-destination
+    and --address as --migrateuri when given) to DST's daemon, checked there, and
+    destroyed on both hosts in any case. That proves what libvirt adds: qemu.conf as the
+    daemons read it, QEMU's user and group, the migration address and ports. It needs
+    virsh here and virt-ssh-helper on the hosts (both Debian's libvirt packages).
 
     Exit 0 when every probe passes, 1 when any fails (a host that cannot be reached is
     a failed probe), or with --strict when any warns.
@@ -107,13 +118,19 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
             raise InvalidInput(f"SRC and DST are the same host ({src})")
         pairs = [(src, dst)]
 
-    revocations = _revocations(app)
+    if use_libvirt and compare_plain:
+        raise click.UsageError("--compare-plain goes with QEMU probes, not --libvirt")
+    revocations = None if use_libvirt else _revocations(app)
     connect = connector(app, ssh)
     cancel = threading.Event()
+    if use_libvirt:
+        def one(p):
+            return probe_pair_libvirt(p[0], p[1], connect, opts, cancel)
+    else:
+        def one(p):
+            return probe.probe_pair(p[0], p[1], connect, opts, revocations, cancel)
     with _cancel_on_signals(cancel):
-        reports = run_with_progress(
-            pairs, lambda p: probe.probe_pair(p[0], p[1], connect, opts, revocations, cancel),
-            parallel, "probing", as_json or not many)
+        reports = run_with_progress(pairs, one, parallel, "probing", as_json or not many)
     if cancel.is_set():
         raise probe.Interrupted("interrupted: the probes stopped and removed what they had started")
     if many:

@@ -48,7 +48,7 @@ MAX_STDERR = 64 << 10
 PROGRAMS = frozenset({
     "cat", "certtool", "chmod", "cp", "chown", "getent", "hostname", "id", "kill", "libvirtd", "ln", "ls",
     "mkdir", "mv", "openssl", "printf", "readlink", "rm", "setpriv", "sha256sum", "stat", "sync",
-    "systemctl", "test", "timeout", "true", "uname", "virsh", "virtqemud",
+    "systemctl", "test", "timeout", "true", "uname", "virsh", "virt-ssh-helper", "virtqemud",
 })
 
 # Fixed templates; each "{name}" item becomes exactly one argv item, whatever its value.
@@ -186,6 +186,10 @@ class ExecChannel:
     def wait_exit(self, seconds: float) -> bool:
         """Wait up to `seconds` for the program's end; whether it ended."""
         return self._chan.status_event.wait(seconds)
+
+    def fileno(self) -> int:
+        """For select(): readable when stdout or stderr has data or the channel ends."""
+        return self._chan.fileno()
 
     def close(self) -> None:
         self._chan.close()

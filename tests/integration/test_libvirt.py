@@ -493,3 +493,32 @@ def test_qemu_group_follows_libvirt_not_the_group_names_a_host_has(tmp_path, fle
     assert "Cannot load certificate" in refused.stderr and "Error while reading file" in refused.stderr, \
         failed(refused)
     assert debian.domains() == {"guest1": "running"}
+
+
+def test_probe_libvirt_moves_a_throwaway_guest_and_leaves_nothing(tmp_path, libvirt_fleet):
+    """`qemuca probe --libvirt`: virsh here drives both daemons over qemuca's SSH
+    connections; the guest moves, and is gone from both hosts afterwards, pass or fail."""
+    fleet, (one, two, stranger) = libvirt_fleet(3)
+    home = new_ca(tmp_path / "ca")
+    deploy(home, fleet, one.name, two.name)
+    deploy(new_ca(tmp_path / "other-ca"), fleet, stranger.name)
+
+    proc = run_qemuca(home, "probe", "--libvirt", one.name, two.name, "--json", *ssh(fleet))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    checks = {f["check"]: f for f in report["findings"]}
+    assert report["result"] == "pass" and report["tls_migration"]["status"] == "completed", report
+    assert checks["TLS migration (virsh migrate --live --tls)"]["result"] == "pass"
+    assert checks[f"guest on {two.name}"]["result"] == "pass", checks
+    assert tls_objects(one)[-1] == ("client", CERT_DIR) and tls_objects(two)[-1] == ("server", CERT_DIR)
+
+    refused = run_qemuca(home, "probe", "--libvirt", one.name, stranger.name, "--json", *ssh(fleet))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    failed_checks = [f for f in json.loads(refused.stdout)["findings"] if f["result"] == "fail"]
+    assert [f["problem"] for f in failed_checks] == ["other CA"], failed_checks
+    assert "known issuer" in failed_checks[0]["detail"]
+
+    table = run_qemuca(home, "probe", "--libvirt", two.name, one.name, *ssh(fleet), env={"COLUMNS": "100"})
+    assert table.returncode == 0 and "TLS migration" in table.stdout, table.stdout + table.stderr
+    for d in (one, two, stranger):
+        assert d.domains() == {} and d.qemu_pids() == [], d.name

@@ -80,12 +80,12 @@ class RootedFS(LocalFS):
         return super().chmod(self._p(path), mode)
 
 
-def new_ca(cn="QEMU CA", now=None, days=3650):
+def new_ca(cn="QEMU CA", now=NOW, days=3650):
     key = ec.generate_private_key(ec.SECP256R1())
     return profile.build_ca_certificate(key, profile.ca_name(cn, None), days, now=now), key
 
 
-def new_leaf(ca, host, now=None, days=730, sans=()):
+def new_leaf(ca, host, now=NOW, days=730, sans=()):
     key = ec.generate_private_key(ec.SECP256R1())
     return profile.build_host_certificate(ca[0], ca[1], host, list(sans), key.public_key(), days, now=now), key
 

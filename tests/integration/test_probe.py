@@ -399,7 +399,6 @@ def test_nothing_left_when_a_probe_is_cut_short(world, how):
     fleet, (h1, h2) = world.fleet, world.names[:2]
     before = snapshot(fleet, [fleet[h1], fleet[h2]])
     timeout = "4" if how == "hung-qemu" else "60"
-    started = time.monotonic()
     proc = popen_qemuca(world.home, "probe", h1, h2, *ssh(fleet), "--address", "127.0.0.1",
                         "--ram", "128", "--timeout", timeout, "--json")
     try:
@@ -423,7 +422,6 @@ def test_nothing_left_when_a_probe_is_cut_short(world, how):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    elapsed = time.monotonic() - started
     assert "Traceback" not in err
     if how == "lost-connection":
         assert proc.returncode == 1
@@ -437,7 +435,6 @@ def test_nothing_left_when_a_probe_is_cut_short(world, how):
         assert proc.returncode == 1
         report = json.loads(out)
         assert "timed out after 4 s" in report["error"]
-        assert elapsed < 4 + 8  # killed by the probe, not by the `timeout` wrapper (4 + 10 s)
     # The parent-death signal (lost session, killed client) or the probe's own kill by
     # PID (Ctrl-C, hang) ended every QEMU at once: the `timeout` bound is not waited for.
     assert_nothing_left(fleet, before)

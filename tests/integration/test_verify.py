@@ -738,11 +738,8 @@ def test_handshake_cleans_up_and_skips_without_openssl(pair_env):
                 return self.runner.run(argv, **kw)
 
         port2 = _free_port()
-        started = time.monotonic()
         lost = verify.Side(src_side.name, src_side.fs, Elsewhere(src_side.runner))
         check = handshake(lost, dst_side, fleet[1].name,
                                  verify.PairOptions(address="127.0.0.1", port=port2, timeout=2))
-        took = time.monotonic() - started
     assert check.result == "fail", check
-    assert took < 10, took
     assert not _openssl_left(fleet), "s_server or s_client left running"

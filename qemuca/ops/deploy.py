@@ -231,6 +231,8 @@ def enroll_host(conn, fs, authority, host: str, opts: DeployOptions, key_type: s
     """
     if not force and authority.store.valid_for_host(host) is not None:
         raise Conflict(f"{host} already has a valid certificate: use --replace to enroll it anew")
+    if not force:
+        authority.check_names(host, sans)
     where = placement(conn, fs, opts)
     staging = install.make_staging(fs, opts.cert_dir, where.modes)
     try:

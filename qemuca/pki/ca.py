@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 import os
 import shutil
 import socket
@@ -275,16 +276,34 @@ class CertificateAuthority:
         _check_days(days)
         if key_type not in profile.KEY_TYPES:
             raise InvalidInput(f"unknown key type '{key_type}'")
+        if not force and extra and len(names) > 1:
+            raise Conflict(f"--san applies to every host given: {len(names)} hosts would share "
+                           f"{sans[0]} and each could pose as the others under it; issue them one by "
+                           "one, or use --force")
         if not force:
             for name in names:
                 current = self.store.valid_for_host(name)
                 if current:
                     raise Conflict(f"{name} already has a valid certificate (serial "
                                    f"{current.serial}); use --force to replace it")
+                self.check_names(name, extra)
         new = [self.make_cert(name, extra, days, profile.generate_key(key_type)) for name in names]
         replaced = self.store.add_certificates(new, force=force, action="issue")
         # The records as the index holds them, `replaces` included.
         return [Issued(dataclasses.replace(n.record, replaces=r), r) for n, r in zip(new, replaced)]
+
+    def check_names(self, host: str, sans: Sequence) -> None:
+        """Refuse a name another host's valid certificate holds: with it, this host could
+        pose as that one and receive its guests (callers skip this with --force)."""
+        wanted = {_name_key(n) for n in [host, *sans]}
+        for other in self.store.valid():
+            if other.host == host:
+                continue
+            clash = sorted(wanted & {_name_key(n) for n in [other.host, *other.sans]})
+            if clash:
+                raise Conflict(f"{clash[0]} is a name of {other.host} (serial {other.serial}): a certificate "
+                               f"for {host} holding it could pose as {other.host}; revoke or reissue "
+                               f"{other.host} first, or use --force if it no longer uses that name")
 
     def make_cert(self, host: str, sans: Sequence, days: int, key) -> NewCert:
         """A certificate for a key held here (new, or the same key on renewal), not recorded."""
@@ -296,6 +315,8 @@ class CertificateAuthority:
              force: bool) -> Issued:
         """Sign a CSR made on the host; the profile, not the CSR, decides the extensions."""
         new = self.certify(csr_data, host, sans, days)
+        if not force:
+            self.check_names(new.record.host, new.record.sans)
         return self.record(new, force, "sign")
 
     def record(self, new: NewCert, force: bool, action: str) -> Issued:
@@ -473,3 +494,12 @@ def credential_set(store: Store, ca: CertificateAuthority, host: str):
                        "key to export; use 'qemuca enroll' or copy the certificate only")
     return CredentialSet.build(record.host, record.fingerprint_sha256, ca.bundle(),
                                record.cert_pem.encode(), key.encode(), ca.crl_pem())
+
+
+def _name_key(name) -> str:
+    """A SAN compared as GnuTLS matches it: DNS names case-insensitively, IPs by value."""
+    text = str(name)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text.lower().rstrip(".")

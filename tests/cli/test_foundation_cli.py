@@ -189,7 +189,8 @@ def test_issue_several_hosts_with_sans(tmp_path):
     hosts_file = tmp_path / "hosts"
     hosts_file.write_text("# the cluster\nc.qemu.test\n\n  d.qemu.test  # rack 2\nA.qemu.test\n")
     out = _json(run_qemuca(home, "issue", "a.qemu.test", "b.qemu.test", "--hosts-file", hosts_file,
-                           "--san", "10.1.0.9", "--san", "fd00::9", "--san", "mig.qemu.test", "--json"))
+                           "--san", "10.1.0.9", "--san", "fd00::9", "--san", "mig.qemu.test", "--force",
+                           "--json"))
     assert [r["host"] for r in out] == ["a.qemu.test", "b.qemu.test", "c.qemu.test", "d.qemu.test"]
     ca_cert = load_cert(Path(home) / "ca" / "ca-cert.pem")
     serials = set()
@@ -562,3 +563,21 @@ def test_missing_or_corrupt_ca_files(tmp_path):
     assert {name: snapshot_store(home) for name, home in cases.items()} == before
     assert not (tmp_path / "out").exists()
     assert_error(run_qemuca(tmp_path / "nothing", "list"), EXIT_NOT_FOUND, "qemuca init")
+
+
+def test_a_name_another_host_holds_is_refused_without_force(tmp_path):
+    """host9 with host1's name (or its migration IP) could pose as host1 and receive its
+    guests: issue and sign refuse it (exit 5, nothing recorded) unless --force."""
+    home = make_store(tmp_path)
+    assert_ok(run_qemuca(home, "issue", "host1.qemu.test", "--san", "10.1.0.1", "--san", "mig1.qemu.test"))
+    for san in ("HOST1.qemu.test.", "10.1.0.1", "mig1.qemu.test"):
+        proc = run_qemuca(home, "issue", "host9.qemu.test", "--san", san)
+        assert proc.returncode == EXIT_CONFLICT, proc.stderr
+        assert "could pose as host1.qemu.test" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = run_qemuca(home, "issue", "mig1.qemu.test")  # a host named after another's SAN
+    assert proc.returncode == EXIT_CONFLICT and "is a name of host1.qemu.test" in proc.stderr
+    shared = run_qemuca(home, "issue", "a.qemu.test", "b.qemu.test", "--san", "vip.qemu.test")
+    assert shared.returncode == EXIT_CONFLICT and "would share vip.qemu.test" in shared.stderr
+    listed = _json(run_qemuca(home, "list", "--json"))
+    assert [r["host"] for r in listed] == ["host1.qemu.test"]  # nothing recorded
+    assert_ok(run_qemuca(home, "issue", "host9.qemu.test", "--san", "10.1.0.1", "--force"))

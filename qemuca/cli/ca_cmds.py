@@ -124,6 +124,11 @@ def init_cmd(app, common_name, organization, key_type, days, passphrase_file, no
         note(f"{'Took over' if imported else 'Created'} QEMU CA '{info['subject']}' in {store.home}")
         note(f"  SHA-256 fingerprint {authority.fingerprint}")
         note(f"  valid until {info['not_after']}; key {'encrypted' if passphrase else 'NOT encrypted'}")
+        if passphrase is None:
+            note(f"  warning: without a passphrase, {store.home} holds the CA key and every host key "
+                 "qemuca makes (issue, deploy --issue) unencrypted: whoever reads it can sign "
+                 "certificates and pose as any such host. Keep it on an encrypted disk, or use "
+                 "'enroll' (keys made on the hosts, never stored here).")
 
 
 def _imported_ca(cert_file, key_file, passphrase_file):

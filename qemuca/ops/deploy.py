@@ -272,7 +272,7 @@ def deploy_from_store(conn, fs, authority, host: str, opts: DeployOptions) -> Ho
     (copied there; check_landed proves it matches before anything is kept).
     """
     record = require_host(authority.store, host)
-    key = authority.store.key_pem(record.serial)
+    key = authority.host_key_pem(record.serial)
     where = placement(conn, fs, opts)
 
     def creds_with(key_bytes=None, key_on_host=None):
@@ -280,7 +280,7 @@ def deploy_from_store(conn, fs, authority, host: str, opts: DeployOptions) -> Ho
                                    record.cert_pem.encode(), key_bytes, authority.crl_pem(), key_on_host)
 
     if key is not None:
-        creds = creds_with(key.encode())
+        creds = creds_with(key)
         return dry_run(fs, creds, opts, where) if opts.dry_run else switch_in(conn, fs, creds, opts, where)
     if opts.dry_run:
         return dry_run(fs, creds_with(key_on_host=posixpath.join(opts.cert_dir, SERVER_KEY)), opts, where)

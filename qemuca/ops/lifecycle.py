@@ -21,8 +21,6 @@ import os
 import shutil
 from typing import List, Optional
 
-from cryptography.hazmat.primitives import serialization
-
 from qemuca.errors import Conflict
 from qemuca.hosts.layout import CredentialSet
 from qemuca.names import SanValue
@@ -43,10 +41,9 @@ def renew_host(conn, fs, authority, host: str, opts: DeployOptions, days: int) -
     record = ca_mod.require_host(authority.store, host)
     sans = _extra_sans(record)
     where = placement(conn, fs, opts)
-    key = authority.store.key_pem(record.serial)
+    key = authority.host_key(record.serial)
     if key is not None:
-        new = authority.make_cert(record.host, sans, days,
-                                  serialization.load_pem_private_key(key.encode(), None))
+        new = authority.make_cert(record.host, sans, days, key)
         creds = _creds(authority, new, key_bytes=new.key_pem.encode())
         return switch_in(conn, fs, creds, opts, where, then=lambda: authority.record(new, True, "renew"))
     with staged_key_copy(conn, fs, opts.cert_dir, where.modes) as key_path:

@@ -179,6 +179,7 @@ class Signer:
         self.fs, self.cert_path, self.key_path = fs, cert_path, key_path
         self._passphrase = passphrase
         self._key = None
+        self.password: Optional[bytes] = None  # what unlocked the key (None: not encrypted)
         try:
             self.cert = x509.load_pem_x509_certificate(fs.read_bytes(cert_path))
         except OSError as e:
@@ -217,6 +218,7 @@ class Signer:
             raise StoreError(f"CA key {path} is corrupt") from None
         if not key_matches(key, self.cert):
             raise StoreError(f"CA key {path} does not match the CA certificate")
+        self.password = password
         return key
 
 
@@ -306,10 +308,34 @@ class CertificateAuthority:
                                f"{other.host} first, or use --force if it no longer uses that name")
 
     def make_cert(self, host: str, sans: Sequence, days: int, key) -> NewCert:
-        """A certificate for a key held here (new, or the same key on renewal), not recorded."""
+        """A certificate for a key held here (new, or the same key on renewal), not recorded.
+        The key goes to the index encrypted under the CA key's passphrase: stealing the
+        store must not be enough to pose as a host (a store without one says so at init)."""
         cert = profile.build_host_certificate(self.cert, self.key, host, sans, key.public_key(), days)
         return NewCert(self._record(cert, host, "generated", _key_type_name(key.public_key())),
-                       key_pem(key))
+                       key_pem(key, self.current.password))
+
+    def host_key(self, serial: str):
+        """The private key qemuca made for a certificate, or None (made on the host). An
+        encrypted one is opened with the CA's passphrase (the same for both CAs of a
+        rollover); keys stored by older versions, unencrypted, still load."""
+        data = self.store.key_pem(serial)
+        if data is None:
+            return None
+        password = None
+        if is_encrypted_pem(data.encode()):
+            self.unlock()
+            password = self.current.password
+        try:
+            return serialization.load_pem_private_key(data.encode(), password)
+        except (ValueError, TypeError):
+            raise StoreError(f"the stored key of serial {serial} cannot be opened with the CA's "
+                             "passphrase (changed since?)") from None
+
+    def host_key_pem(self, serial: str) -> Optional[bytes]:
+        """host_key() as the unencrypted PEM a host needs (QEMU reads keys without secret)."""
+        key = self.host_key(serial)
+        return None if key is None else key_pem(key).encode()
 
     def sign(self, csr_data: bytes, host: Optional[str], sans: Sequence[str], days: int,
              force: bool) -> Issued:
@@ -488,12 +514,12 @@ def credential_set(store: Store, ca: CertificateAuthority, host: str):
     Hosts enrolled with a CSR have no key here: their key never left the host.
     """
     record = require_host(store, host)
-    key = store.key_pem(record.serial)
+    key = ca.host_key_pem(record.serial)
     if key is None:
         raise NotFound(f"{record.host}'s key was generated on the host (CSR): qemuca has no "
                        "key to export; use 'qemuca enroll' or copy the certificate only")
     return CredentialSet.build(record.host, record.fingerprint_sha256, ca.bundle(),
-                               record.cert_pem.encode(), key.encode(), ca.crl_pem())
+                               record.cert_pem.encode(), key, ca.crl_pem())
 
 
 def _name_key(name) -> str:

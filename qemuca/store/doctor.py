@@ -287,6 +287,13 @@ class _Doctor:
         self.check_ca_key(name, key_path, cert)
         return known
 
+    def ca_key_encrypted(self) -> bool:
+        try:
+            with open(self.store.ca_key_path, "rb") as f:
+                return is_encrypted_pem(f.read(4096))
+        except OSError:
+            return False
+
     def check_ca_key(self, name: str, path: str, cert: x509.Certificate) -> None:
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -350,6 +357,7 @@ class _Doctor:
             "ca_fingerprint, cert_pem, key_pem, revoked_at FROM certificates ORDER BY host, serial")
         serials = {r[0] for r in rows}
         fields, chain, keys, replaces, revocation = [], [], [], [], []
+        plain_keys, unchecked_keys = [], 0
         by_role: Dict[str, int] = {}
         stale_valid: List[str] = []
         for (serial, host, sans, not_before, not_after, fp, status, replaced, ca_fp, pem, key_pem,
@@ -373,9 +381,14 @@ class _Doctor:
                 if status == "valid" and issuer.role == "retired":
                     stale_valid.append(f"{name}: valid but signed by a retired CA ({issuer.where})")
             if key_pem is not None:
-                problem = _key_problem(key_pem, cert)
-                if problem:
-                    keys.append(f"{name}: {problem}")
+                if not is_encrypted_pem(key_pem.encode()):
+                    plain_keys.append(name)
+                if is_encrypted_pem(key_pem.encode()) and self.passphrase is None:
+                    unchecked_keys += 1
+                else:
+                    problem = _key_problem(key_pem, cert, self.passphrase)
+                    if problem:
+                        keys.append(f"{name}: {problem}")
             if replaced is not None and replaced not in serials:
                 replaces.append(f"{name}: replaces {replaced}, which is not in the index")
             if status == "revoked" and not revoked_at:
@@ -390,7 +403,14 @@ class _Doctor:
         if not chain and stale_valid:
             self.problems("chain", stale_valid, "", WARN)
         with_keys = sum(1 for r in rows if r[10] is not None)
-        self.problems("host-keys", keys, f"{with_keys} key(s) held here match their certificates")
+        self.problems("host-keys", keys, f"{with_keys - unchecked_keys} key(s) held here match their certificates"
+                      + (f"; {unchecked_keys} encrypted, not checked (give --passphrase-file)"
+                         if unchecked_keys else ""))
+        if plain_keys and self.ca_key_encrypted():
+            self.add("host-keys-at-rest", WARN,
+                     f"{len(plain_keys)} host key(s) stored unencrypted in an encrypted store (made by an "
+                     f"older qemuca), e.g. {plain_keys[0]}: whoever reads the store can pose as those "
+                     "hosts; 'qemuca rekey HOST' (or enroll) replaces them")
         self.problems("replaces", replaces, "every 'replaces' names a certificate in the index")
         self.problems("revocation", revocation, "revoked rows have revoked_at, others none")
         dupes = self.store.read("SELECT host, COUNT(*) FROM certificates WHERE status = 'valid' "
@@ -503,10 +523,11 @@ def _retired_cas(home: str) -> List[Tuple[str, x509.Certificate]]:
     return out
 
 
-def _key_problem(key_pem: str, cert: x509.Certificate) -> Optional[str]:
+def _key_problem(key_pem: str, cert: x509.Certificate, passphrase: Optional[bytes]) -> Optional[str]:
     """Why the key held for a host does not serve its certificate (the key is never shown)."""
+    data = key_pem.encode()
     try:
-        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+        key = serialization.load_pem_private_key(data, password=passphrase if is_encrypted_pem(data) else None)
     except (ValueError, TypeError):
         return "key_pem does not load"
     if not key_matches(key, cert):

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import socket
+import sqlite3
 import stat
 import subprocess
 from pathlib import Path
@@ -178,8 +179,26 @@ def test_every_key_command_takes_the_passphrase_file_from_the_environment(tmp_pa
     assert_ok(run_qemuca(home, "revoke", "a.qemu.test", env=env))
     assert_ok(run_qemuca(home, "crl", "--json", env=env))
     assert audit_actions(home) == ["init", "issue", "issue", "sign", "revoke", "crl", "crl"]
-    # Export only reads the store: no passphrase needed.
-    assert_ok(run_qemuca(home, "export", "b.qemu.test", "--dir", tmp_path / "out"))
+    # The host key qemuca made is stored encrypted: export opens it with the passphrase.
+    assert_ok(run_qemuca(home, "export", "b.qemu.test", "--dir", tmp_path / "out", env=env))
+    refused = run_qemuca(home, "export", "b.qemu.test", "--dir", tmp_path / "out2")
+    assert refused.returncode == EXIT_PASSPHRASE and not (tmp_path / "out2").exists(), refused.stderr
+
+
+def test_host_keys_are_encrypted_at_rest_under_the_ca_passphrase(tmp_path):
+    """Stealing the store (index, retired/, backups) is not enough to pose as a host:
+    every key qemuca makes is PKCS#8-encrypted under the CA passphrase; what a host
+    receives (export, deploy) is the plain key QEMU reads."""
+    secret = write_secret(tmp_path / "pass", SECRET)
+    home = make_store(tmp_path, passphrase=SECRET.encode(), hosts=["a.qemu.test"])
+    env = {"QEMUCA_PASSPHRASE_FILE": secret}
+    db = sqlite3.connect(Path(home) / "index.sqlite")
+    stored = [row[0] for row in db.execute("SELECT key_pem FROM certificates WHERE key_pem IS NOT NULL")]
+    assert stored and all(k.startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----") for k in stored)
+    assert_ok(run_qemuca(home, "export", "a.qemu.test", "--dir", tmp_path / "out", env=env))
+    exported = serialization.load_pem_private_key((tmp_path / "out" / "server-key.pem").read_bytes(), None)
+    cert = x509.load_pem_x509_certificate((tmp_path / "out" / "server-cert.pem").read_bytes())
+    assert exported.public_key() == cert.public_key()
 
 
 # ---------------------------------------------------------------- issue

@@ -161,7 +161,7 @@ def test_a_ca_key_that_does_not_match_is_refused(tmp_path, home):
 # ---------------------------------------------------------------- issue
 
 def test_issue_records_every_host_in_the_index(home):
-    issued = issue(home, "b.qemu.test", "A.QEMU.TEST", "a.qemu.test.", sans=["10.0.0.7"])
+    issued = issue(home, "b.qemu.test", "A.QEMU.TEST", "a.qemu.test.", sans=["10.0.0.7"], force=True)
     assert [i.record.host for i in issued] == ["b.qemu.test", "a.qemu.test"]  # normalised, once
     store = Store.open(home)
     for item in issued:

@@ -15,6 +15,7 @@ any qemuca.hosts.fs.FS.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import difflib
 import posixpath
@@ -129,6 +130,7 @@ class _Parser:
 
     def __init__(self, text: str, path: str):
         self.s, self.n, self.i, self.path = text, len(text), 0, path
+        self._newlines = [m.start() for m in re.finditer("\n", text)]
         self.settings: List[Setting] = []
         self.comment_lines: set = set()
 
@@ -137,7 +139,9 @@ class _Parser:
         return self.s[self.i] if self.i < self.n else ""
 
     def line_of(self, pos: int) -> int:
-        return self.s.count("\n", 0, pos) + 1
+        """1-based line of a position: a binary search in the newline offsets (counting
+        newlines from the start each time made a file of many comments quadratic)."""
+        return bisect.bisect_left(self._newlines, pos) + 1
 
     def error(self, message: str):
         col = self.i - (self.s.rfind("\n", 0, self.i) + 1) + 1

@@ -30,6 +30,7 @@ COMMANDS = {
     "qemu-conf": ("qemuca.cli.qemu_conf", "qemu_conf_group", "Edit libvirt's qemu.conf TLS settings."),
     "deploy": ("qemuca.cli.deploy_cmds", "deploy_cmd", "Deploy credentials and qemu.conf to hosts over SSH."),
     "enroll": ("qemuca.cli.deploy_cmds", "enroll_cmd", "Make keys on hosts, sign their CSRs, deploy."),
+    "adopt": ("qemuca.cli.deploy_cmds", "adopt_cmd", "Take over sets already on hosts (brownfield)."),
     "renew": ("qemuca.cli.lifecycle_cmds", "renew_cmd", "New certificates for the hosts' existing keys."),
     "rekey": ("qemuca.cli.lifecycle_cmds", "rekey_cmd", "New keys and certificates for hosts."),
     "ca": ("qemuca.cli.lifecycle_cmds", "ca_group", "CA status and rollover to a new CA."),

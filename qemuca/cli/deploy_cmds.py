@@ -28,6 +28,7 @@ from qemuca.cli.remote import (
 )
 from qemuca.errors import InvalidInput
 from qemuca.names import san_value
+from qemuca.ops.adopt import adopt_host
 from qemuca.ops.deploy import DeployOptions, deploy_from_store, enroll_host, refresh_host, rollback_host, run_on_host
 from qemuca.pki import ca, profile
 
@@ -166,6 +167,42 @@ def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, p
     reports = run_with_progress(hosts, operation, parallel, "enrolling", as_json)
     store.record_deployments(reports)
     return render_reports(reports, as_json, "Enroll")
+
+
+@click.command("adopt")
+@host_selection
+@ssh_options
+@host_layout_options
+@click.option("--replace", "replace_valid", is_flag=True,
+              help="Record the host's certificate even if the index holds another valid one for it.")
+@parallel_option
+@json_option
+@click.pass_obj
+def adopt_cmd(app, selection, ssh, opts, replace_valid, parallel, as_json):
+    """Take over the sets already on hosts, made by another tool (brownfield).
+
+    Per host, over SSH: the certificate in --cert-dir is read (the key never leaves the
+    host: it is matched on the host by its public half), checked as verify checks it,
+    and when it chains to this store's CA (or to the previous CA of a rollover: 'ca
+    rollover start --from-cert' takes a foreign CA over) it is recorded in the index
+    (key on the host, as if enrolled) and the same certificate and key are switched in
+    as a qemuca set, with this store's CA bundle and CRL, owners and modes; the files
+    found are kept for rollback. From then on list, check, renew, rekey, revoke and the
+    CA rollover cover the host. A set from another CA is reported with the way out.
+    """
+
+    hosts = select_hosts(app, selection)
+    store = app.store()
+    authority = ca.CertificateAuthority(store)
+    connect = connector(app, ssh)
+
+    def operation(host):
+        return run_on_host(host, connect, lambda conn, fs: adopt_host(conn, fs, authority, host, opts,
+                                                                        replace_valid))
+
+    reports = run_with_progress(hosts, operation, parallel, "adopting", as_json)
+    store.record_deployments(reports)
+    return render_reports(reports, as_json, "Adopt")
 
 
 @click.command("rollback")

@@ -24,6 +24,7 @@ from qemuca.cli.remote import (
     ssh_options,
 )
 from qemuca.errors import Conflict, InvalidInput
+from qemuca.hosts.fs import read_user_file
 from qemuca.names import subject_text
 from qemuca.ops import lifecycle
 from qemuca.ops.deploy import DeployOptions, refresh_host, run_on_host
@@ -133,15 +134,42 @@ def rollover_group():
 @click.option("--org", "organization", help="Organisation (O) of the new CA.")
 @key_type_option("Type of the new CA key.", default=profile.DEFAULT_CA_KEY_TYPE)
 @days_option("Validity of the new CA in days.", default=profile.DEFAULT_CA_DAYS)
+@click.option("--from-cert", "from_cert", type=click.Path(dir_okay=False),
+              help="Take over from a foreign CA instead (oVirt's, certtool's...): its certificate "
+                   "(no key needed) becomes the old CA; this store's CA is the new one.")
 @passphrase_file_option
 @json_option
 @click.pass_obj
-def rollover_start_cmd(app, common_name, organization, key_type, days, passphrase_file, as_json):
+def rollover_start_cmd(app, common_name, organization, key_type, days, from_cert, passphrase_file, as_json):
     """Create the new CA. From now on it signs, and hosts must trust [new CA, old CA].
 
     The new key is encrypted with the same passphrase as the current one (or not,
     when the current key is not). Next: 'qemuca deploy --bundle-only --all'.
+
+    With --from-cert FILE no CA is made: the hosts' existing CA, whose key qemuca
+    never sees, becomes the old CA of the rollover and this store's CA the new one.
+    Next: 'qemuca adopt HOST...' for every host (each keeps its certificate and gets
+    the two-CA bundle), then 'qemuca renew' host by host, then 'ca rollover finish'.
+    Migration works between moved and not-yet-moved hosts at every step.
     """
+
+    if from_cert:
+        given = [f"--{n.replace('_', '-')}" for n in ("common_name", "organization", "key_type", "days")
+                 if click.get_current_context().get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--from-cert makes no new CA: {', '.join(given)} do not apply")
+        store = app.store()
+        state = lifecycle.rollover_take_over(store, ca.CertificateAuthority(store),
+                                             read_user_file(from_cert, "--from-cert"))
+        if as_json:
+            emit_json(state)
+        else:
+            note(f"Rollover started from the foreign CA {state['previous_fingerprint'][:16]}: this store's CA "
+                 f"{state['new_fingerprint'][:16]} signs.")
+            note("Next: qemuca adopt HOST...   (every host: its own certificate, the two-CA bundle)")
+            note("Then: qemuca renew HOST...   (host by host: new-CA certificates, keys stay)")
+            note("Last: qemuca ca rollover finish")
+        return
 
     common_name = subject_text("--cn", common_name)
     organization = subject_text("--org", organization)

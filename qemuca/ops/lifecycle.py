@@ -21,7 +21,10 @@ import os
 import shutil
 from typing import List, Optional
 
-from qemuca.errors import Conflict
+from cryptography import x509
+
+from qemuca.errors import Conflict, InvalidInput
+from qemuca.findings import FAIL
 from qemuca.hosts.layout import CredentialSet
 from qemuca.names import SanValue
 from qemuca.ops.deploy import DeployOptions, HostReport, enroll_host, placement, staged_key_copy, switch_in
@@ -109,6 +112,40 @@ def rollover_start(store: Store, authority, *, key_type: str, days: int, common_
         # Inside the transaction: if a rename fails, the stage is not recorded either.
         os.rename(store.ca_dir, store.previous_ca_dir)
         os.rename(staging, store.ca_dir)
+    return state
+
+
+def rollover_take_over(store: Store, authority, foreign_pem: bytes) -> dict:
+    """A rollover whose old CA is a foreign one (certificate only: its key stays wherever
+    it is); this store's CA is the new one and signs as before. Hosts whose certificates
+    that CA issued can then be adopted (they get the two-CA bundle) and renewed."""
+    if store.rollover() is not None or authority.previous is not None:
+        raise Conflict("a CA rollover is already in progress: 'qemuca ca status', then finish it")
+    try:
+        certs = x509.load_pem_x509_certificates(foreign_pem)
+    except ValueError:
+        raise InvalidInput("--from-cert: not a PEM certificate") from None
+    if len(certs) != 1:
+        raise InvalidInput(f"--from-cert: {len(certs)} certificates; give the one CA that issued the hosts' sets")
+    foreign = certs[0]
+    problems = [f"{f.check}: {f.detail}" for f in profile.check_ca(foreign) if f.result is FAIL]
+    if problems:
+        raise InvalidInput(f"--from-cert: not a CA QEMU accepts: {problems[0]}")
+    if fingerprint(foreign) == authority.fingerprint:
+        raise InvalidInput("--from-cert: that is this store's own CA")
+    staging = os.path.join(store.home, f".ca-previous-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging, 0o700)
+    store.fs.write_atomic(os.path.join(staging, "ca-cert.pem"), ca_mod.cert_pem(foreign).encode(), 0o644)
+    state = {"stage": "started", "started_at": iso(profile.utcnow()),
+             "previous_fingerprint": fingerprint(foreign), "new_fingerprint": authority.fingerprint,
+             "previous_from_cert": True,
+             "two_ca_bundle_sha256": hashlib.sha256(authority.bundle() + ca_mod.cert_pem(foreign).encode()
+                                                    ).hexdigest()}
+    with store.write() as db:
+        store.set_rollover(db, state)
+        store.audit(db, "rollover-start", foreign.subject.rfc4514_string(), **state)
+        os.rename(staging, store.previous_ca_dir)
     return state
 
 

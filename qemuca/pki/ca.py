@@ -113,7 +113,7 @@ def init_ca(home: str, *, common_name: str, organization: Optional[str], key_typ
         cert = profile.build_ca_certificate(key, profile.ca_name(common_name, organization), days)
     else:
         key, cert = imported.key, imported.cert
-        key_type = _key_type_name(cert.public_key())
+        key_type = key_type_name(cert.public_key())
         origin = {"imported_from": {"cert": imported.cert_source, "key": imported.key_source}}
 
     make_dirs(os.path.dirname(store.home), 0o755)
@@ -198,6 +198,10 @@ class Signer:
         path = self.key_path
         try:
             data = self.fs.read_bytes(path)
+        except FileNotFoundError:
+            raise StoreError(f"CA key {path} is missing (a CA taken over with 'ca rollover start --from-cert' "
+                             "has none here: renew or rekey the hosts it issued rather than revoking "
+                             "them)") from None
         except OSError as e:
             raise StoreError(f"CA key {path} is unreadable: {e.strerror}") from None
         encrypted = is_encrypted_pem(data)
@@ -247,7 +251,7 @@ class CertificateAuthority:
 
     @property
     def key_type(self) -> str:
-        return _key_type_name(self.cert.public_key())
+        return key_type_name(self.cert.public_key())
 
     def trusted(self) -> List[Signer]:
         """The CAs hosts must trust now: during a rollover both, newest first."""
@@ -312,7 +316,7 @@ class CertificateAuthority:
         The key goes to the index encrypted under the CA key's passphrase: stealing the
         store must not be enough to pose as a host (a store without one says so at init)."""
         cert = profile.build_host_certificate(self.cert, self.key, host, sans, key.public_key(), days)
-        return NewCert(self._record(cert, host, "generated", _key_type_name(key.public_key())),
+        return NewCert(self.record_for(cert, host, "generated", key_type_name(key.public_key())),
                        key_pem(key, self.current.password))
 
     def host_key(self, serial: str):
@@ -362,9 +366,10 @@ class CertificateAuthority:
         _check_days(days)
         public = csr.public_key()
         cert = profile.build_host_certificate(self.cert, self.key, name, extra, public, days)
-        return NewCert(self._record(cert, name, "csr", _key_type_name(public)), None)
+        return NewCert(self.record_for(cert, name, "csr", key_type_name(public)), None)
 
-    def _record(self, cert, host, key_source, key_type) -> CertRecord:
+    def record_for(self, cert, host, key_source, key_type) -> CertRecord:
+        """The index row of a certificate of this CA (not recorded)."""
         return CertRecord(
             serial=serial_hex(cert), host=host, sans=profile.sans_of(cert),
             not_before=iso(cert.not_valid_before_utc), not_after=iso(cert.not_valid_after_utc),
@@ -472,7 +477,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     return csr
 
 
-def _key_type_name(public) -> str:
+def key_type_name(public) -> str:
     if isinstance(public, rsa.RSAPublicKey):
         return f"rsa{public.key_size}"
     if isinstance(public, ec.EllipticCurvePublicKey):

@@ -30,7 +30,7 @@ from qemuca.pki import profile
 from qemuca.pki.checks import crl_signed_by, fingerprint, is_encrypted_pem, issued_by, key_matches
 from qemuca.store.index import SCHEMA_VERSION, Store, iso
 
-CERT_ACTIONS = ("issue", "sign", "enroll", "renew", "rekey")  # actions that record a certificate
+CERT_ACTIONS = ("issue", "sign", "enroll", "renew", "rekey", "adopt")  # actions that record a certificate
 TABLES = ("meta", "certificates", "audit", "deployments")
 TRIGGERS = ("audit_no_update", "audit_no_delete")
 STAGING = re.compile(r"^\.ca-new-(\d+)$")
@@ -284,7 +284,12 @@ class _Doctor:
         if findings:
             detail += ": " + "; ".join(f"{f.check}: {f.detail}" for f in findings)
         self.add(f"{name}-cert", result, detail)
-        self.check_ca_key(name, key_path, cert)
+        if role == "previous" and not os.path.lexists(key_path) and (
+                self.store.rollover() or {}).get("previous_from_cert"):
+            self.add(f"{name}-key", PASS, "none: a foreign CA taken over with --from-cert (its key stays "
+                                          "with its owner)")
+        else:
+            self.check_ca_key(name, key_path, cert)
         return known
 
     def ca_key_encrypted(self) -> bool:

@@ -40,7 +40,7 @@ def add_cert(home, host: str, days_left: float, issued_days_ago: int = 100):
         start = profile.utcnow() - dt.timedelta(days=issued_days_ago)
         cert = profile.build_host_certificate(auth.cert, auth.key, host, [], key.public_key(),
                                               issued_days_ago + days_left + 1 / 24, now=start)
-        new = NewCert(auth._record(cert, host, "generated", "ecdsa-p256"), ca.key_pem(key))
+        new = NewCert(auth.record_for(cert, host, "generated", "ecdsa-p256"), ca.key_pem(key))
         return auth.record(new, True, "issue").record
     finally:
         store.close()

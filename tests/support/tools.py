@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
-
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -31,6 +29,8 @@ def missing(what: str) -> None:
     package = PACKAGES.get(os.path.basename(what))
     hint = f"Debian package {package}; " if package else ""
     message = f"{what} is missing ({hint}run scripts/install-test-deps.sh)"
+    import pytest  # here: scripts/demo.py uses these helpers without the test extra
+
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

@@ -43,7 +43,7 @@ def pki(tmp_path_factory):
         home = make_store(base, ca_type, name=f"ca-{ca_type}")
         homes[ca_type] = home
         for host_type in host_types:
-            issue(home, _host(host_type), key_type=host_type, sans=["10.0.0.1", f"mig.{_host(host_type)}"])
+            issue(home, _host(host_type), key_type=host_type, sans=["10.0.0.1", f"mig.{_host(host_type)}"], force=True)
     p256 = homes["ecdsa-p256"]
     issue(p256, "revoked.qemu.test")
     for (ca_type, host_type) in SETS:

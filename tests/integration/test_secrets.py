@@ -238,7 +238,8 @@ def test_ca_key_is_only_written_encrypted_and_private_files_are_born_private(tmp
                              "--json")
     assert_ok(proc)
     existed_export = existing(home, out)
-    proc, export = run_traced(tmp_path, "export", home, "export", "a.qemu.test", "--dir", str(out), "--json")
+    proc, export = run_traced(tmp_path, "export", home, "export", "a.qemu.test", "--dir", str(out),
+                              "--passphrase-file", secret, "--json")
     assert_ok(proc)
 
     # The trace really holds what was written: the encrypted key, byte for byte, went
@@ -338,7 +339,7 @@ def test_no_secret_in_outputs_logs_command_lines_or_leftovers(tmp_path, fleet_fa
     q("init", *pf, "--key-type", "ecdsa-p256", "--json")
     q("issue", h1.name, "export.qemu.test", *pf, "--json")
     q("sign", tmp_path / "host.csr", *pf, "--json")
-    q("export", "export.qemu.test", "--dir", out, "--json")
+    q("export", "export.qemu.test", "--dir", out, *pf, "--json")
     q("list", "--json")
     q("list", "--all")
     q("show", h1.name, "--json")
@@ -367,8 +368,10 @@ def test_no_secret_in_outputs_logs_command_lines_or_leftovers(tmp_path, fleet_fa
                  .execute("SELECT key_pem FROM certificates WHERE key_pem IS NOT NULL")]
     host_keys += [h2.read("/etc/pki/qemu/server-key.pem"), (tmp_path / "csr-key.pem").read_bytes()]
     assert len(host_keys) == 4  # h1 and export.qemu.test (made here), h2 (enrolled), the CSR's
-    for key in host_keys:
-        needles += key_needles(serialization.load_pem_private_key(key, None))
+    for key in host_keys:  # those made here are stored encrypted under the CA passphrase
+        password = PASSPHRASE.encode() if b"ENCRYPTED" in key.split(b"\n", 1)[0] else None
+        needles += key_needles(serialization.load_pem_private_key(key, password))
+        needles += pem_lines(key) if password else []
 
     # (b) outputs, error lines and the --debug traceback.
     assert "Traceback" in debug.stderr  # --debug did print one: it holds no secret either

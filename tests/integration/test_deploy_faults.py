@@ -40,7 +40,7 @@ from tests.integration.test_deploy import (
     tree,
 )
 from tests.support.augeas import lens_read
-from tests.support.fakehosts import FakeHost, _gone
+from tests.support.fakehosts import FakeHost, process_gone
 from tests.support.faults import FaultProxy, _close, close_all, write_proxy_client_files
 from tests.support.pki import assert_ok, issue, make_store, run_qemuca
 
@@ -228,7 +228,7 @@ def test_connection_dropped_after_each_writing_step(fleet_factory, tmp_path):
         for i, (host, proxy) in enumerate(zip(hosts, proxies[1:]), 1):
             assert proxy.fired, f"{host.name}: step {i} never came"
             assert short(proxy.fired) == proxy.label, (proxy.fired, proxy.label)
-            assert not _gone(host.pid), f"{host.name}: sshd died: a drop must leave it running"
+            assert not process_gone(host.pid), f"{host.name}: sshd died: a drop must leave it running"
             r = got[host.name]
             assert r["result"] == "failed" and host.name in r["error"], r
             assert "connection closed" in r["error"] or "reset" in r["error"].lower(), r["error"]
@@ -287,7 +287,7 @@ def test_connection_dropped_at_the_kill_matrix_points(fleet_factory, tmp_path):
         assert code == 1
         state = {}
         for host, proxy in zip(hosts, proxies):
-            assert proxy.fired and not _gone(host.pid), proxy.label
+            assert proxy.fired and not process_gone(host.pid), proxy.label
             assert got[host.name]["result"] == "failed", got[host.name]
             state[host.name] = (which_set(host, set_a.get(host.name), set_b[host.name]),
                                 conf_state(host, conf_a[host.name]))

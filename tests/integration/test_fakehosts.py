@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import paramiko
 import pytest
 
-from tests.support.fakehosts import DEFAULT_QEMU_CONF, FakeHost, Fleet, _gone
+from tests.support.fakehosts import DEFAULT_QEMU_CONF, FakeHost, Fleet, process_gone
 from tests.support.fixtures import fleet_factory  # noqa: F401  (also works without conftest)
 
 pytestmark = pytest.mark.sshd
@@ -150,7 +150,7 @@ def test_kill_restart_keeps_the_hosts_files(fleet_factory):
     with connect(fleet, host) as client:
         old_pid = host.pid
         host.kill()
-        assert _gone(old_pid)
+        assert process_gone(old_pid)
         with pytest.raises((EOFError, OSError, paramiko.SSHException)):
             sh(client, "true")  # the session died with sshd
     with pytest.raises(paramiko.ssh_exception.NoValidConnectionsError):
@@ -195,6 +195,6 @@ def test_stop_kills_exactly_its_processes_and_removes_its_files(fleet_factory):
         assert len(members) >= 3  # anchor, sshd, session(s), sleep
         pids = members + [h.pid for h in fleet] + [h.anchor_pid for h in fleet]
         fleet.stop()
-    assert all(_gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     assert not fleet.base.exists()
     fleet.stop()  # idempotent

@@ -131,7 +131,7 @@ def _listening_ports() -> set[int]:
     return ports
 
 
-def _gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     """True once pid has exited (a zombie counts: the container's PID 1 reaps slowly)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -380,7 +380,7 @@ class FakeHost:
             time.sleep(0.005)
         if self._sshd and self._sshd.pid in killed:
             self._sshd.wait(timeout=TIMEOUT)  # our child: reap it
-        while not all(_gone(pid) for pid in killed):
+        while not all(process_gone(pid) for pid in killed):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: processes not gone: {sorted(killed)}")
             time.sleep(0.005)

@@ -53,7 +53,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tests.support.fakehosts import FakeHost
+from tests.support.fakehosts import FakeHost, process_gone
 from tests.support.tools import missing, require_tool
 
 LIBVIRTD = "/usr/sbin/libvirtd"
@@ -238,14 +238,6 @@ def _next_address() -> tuple[str, int]:
     return address, 49152 + (n % 900) * PORTS_PER_HOST
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
 def _caps_dir() -> Path:
     """The QEMU capabilities cache shared by the run's daemons (libvirt validates an
     entry itself: QEMU's and libvirtd's ctime, the kernel, the microcode)."""
@@ -301,7 +293,7 @@ class Libvirtd:
             pid = int(self.host.path("/run/libvirtd.pid").read_text().strip())
         except (OSError, ValueError):
             return 0
-        return 0 if _gone(pid) or not self._is_ours(pid, LIBVIRTD) else pid
+        return 0 if process_gone(pid) or not self._is_ours(pid, LIBVIRTD) else pid
 
     def virsh(self, *args: str, check: bool = False, timeout: float = TIMEOUT,
               input: str | None = None) -> subprocess.CompletedProcess:
@@ -429,7 +421,7 @@ class Libvirtd:
         if pid:
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while not _gone(pid) and time.monotonic() < deadline:
+            while not process_gone(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
         victims += self.qemu_pids()
         for p in victims:
@@ -438,7 +430,7 @@ class Libvirtd:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + TIMEOUT
-        while not all(_gone(p) for p in victims):
+        while not all(process_gone(p) for p in victims):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: not gone: {victims}")
             time.sleep(0.02)
@@ -465,7 +457,7 @@ class Libvirtd:
         """QEMU processes libvirt runs in this host (guests, capability probes: their
         command lines name /var/lib/libvirt/qemu/; a QEMU of qemu_migration.py does not)."""
         return sorted(int(e) for e in os.listdir("/proc")
-                      if e.isdigit() and not _gone(int(e))
+                      if e.isdigit() and not process_gone(int(e))
                       and self._is_ours(int(e), QEMU_BINARY, b"/var/lib/libvirt/qemu/"))
 
     def domain_pid(self, domain: str) -> int:

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import click
 
 from qemuca.cli.output import emit_json, print_table, say
+from qemuca.cli.tables import Column
 from qemuca.errors import InvalidInput
 from qemuca.hosts import ssh
 from qemuca.hosts.inventory import read_hosts_file, read_inventory
@@ -167,12 +168,18 @@ def run_with_progress(hosts, operation, parallel, label, quiet):
         return run_fleet(hosts, operation, parallel, lambda _h, _r: progress.advance(task))
 
 
+# Per host: its name whole, the result and any error always; the rest as width allows.
+REPORT_COLUMNS = [Column("host", whole=True, essential=True), Column("result", essential=True),
+                  Column("fingerprint (SHA-256)", whole=True, wide=True), Column("restart needed"),
+                  Column("error", essential=True)]
+
+
 def render_reports(reports, as_json, title):
     """The final table (or JSON array); exit code 1 when any host failed."""
     if as_json:
         emit_json([r.as_dict() for r in reports])
     else:
-        print_table(title, ["host", "result", "fingerprint (SHA-256)", "restart needed", "error"],
+        print_table(title, REPORT_COLUMNS,
                     [(r.host, r.result, (r.fingerprint_sha256 or "")[:16],
                       "yes" if r.restart_needed else ("done: " + r.restarted if r.restarted else "no"),
                       r.error or "") for r in reports])

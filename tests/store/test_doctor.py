@@ -160,7 +160,7 @@ def test_a_certificate_row_without_its_audit_row(home):
                     "ecdsa-p256", rec.cert_pem, new.key_pem))
     report = doctor.diagnose(home)
     assert failing(report) == {"audit"}
-    assert f"d.qemu.test {rec.serial}: no issue/sign/enroll/renew/rekey audit row" in detail(report, "audit")
+    assert f"d.qemu.test {rec.serial}: no issue/sign/enroll/renew/rekey/adopt audit row" in detail(report, "audit")
 
 
 def test_modes_and_the_ca_key(home, tmp_path):

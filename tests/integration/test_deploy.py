@@ -162,6 +162,42 @@ def store_fp(home, host: str) -> str:
     return current(home, host).fingerprint_sha256
 
 
+# (set, qemu.conf) a host holds after the fault at each point of FAULTS. What the relay
+# guarantees (see tests/support/faults.py): the step logged ran, the next one did not.
+# So these outcomes are exact, not likely; a dropped connection leaves the same.
+KILL_MATRIX_OUTCOMES = {
+    "connect (SSH banner)": ("old", "old"),
+    "1st upload opened": ("old", "old"),
+    "2nd upload renamed": ("old", "old"),
+    "before switch (current link staged)": ("old", "old"),
+    "right after switch": ("new", "old"),
+    "during qemu.conf write": ("new", "old"),
+    "qemu.conf renamed": ("new", "new"),
+    "new host: 1st upload renamed": ("none", "old"),
+}
+
+
+def two_sets(home, hosts, had_a, deploy_a):
+    """What a faulty deploy must leave each host with, A or B, never a mix: set A placed
+    by deploy_a() on the hosts of had_a, then set B issued for every host.
+    Returns (fingerprints of A, qemu.conf after A, fingerprints of B)."""
+    deploy_a()
+    set_a = {n: store_fp(home, n) for n in had_a}
+    conf_a = {h.name: h.read(QEMU_CONF) for h in hosts}
+    issue(home, *had_a, force=True)
+    issue(home, *[h.name for h in hosts if h.name not in had_a])
+    return set_a, conf_a, {h.name: store_fp(home, h.name) for h in hosts}
+
+
+def arm_all(proxies, faults) -> None:
+    """Each proxy armed with its fault: (label, trigger, nth, ...) per host."""
+    for proxy, (label, trigger, nth, *_) in zip(proxies, faults):
+        if trigger == "connect":
+            proxy.arm_connect(label)
+        else:
+            proxy.arm(label, trigger, nth)
+
+
 def deployments(home) -> dict:
     store = Store.open(home)
     try:
@@ -548,18 +584,9 @@ def test_sshd_killed_mid_deploy_leaves_old_or_new_set_never_a_mix(fleet_factory,
     try:
         config, known = write_proxy_client_files(proxies, fleet.identity, tmp_path)
         ssh = ssh_args(config, known)
-        assert_ok(run_qemuca(home, "deploy", *had_a, "--issue", *ssh))
-        set_a = {n: store_fp(home, n) for n in had_a}
-        conf_a = {h.name: h.read(QEMU_CONF) for h in hosts}
-        issue(home, *had_a, force=True)
-        issue(home, *[h.name for h in hosts if h.name not in had_a])
-        set_b = {h.name: store_fp(home, h.name) for h in hosts}
-
-        for proxy, (label, trigger, nth, _) in zip(proxies, FAULTS):
-            if trigger == "connect":
-                proxy.arm_connect(label)
-            else:
-                proxy.arm(label, trigger, nth)
+        set_a, conf_a, set_b = two_sets(home, hosts, had_a,
+                                        lambda: assert_ok(run_qemuca(home, "deploy", *had_a, "--issue", *ssh)))
+        arm_all(proxies, FAULTS)
         proc = run_qemuca(home, "deploy", *fleet.names, "--force-tls", *ssh, "--json")
         assert proc.returncode == 1, proc.stderr
         killed = reports_of(proc)
@@ -598,19 +625,7 @@ def test_sshd_killed_mid_deploy_leaves_old_or_new_set_never_a_mix(fleet_factory,
           "temp files left")
     for label, which, conf, result, leftovers in rows:
         print(f"{label:36} | {which:14} | {conf:9} | {result:9} | {leftovers}")
-    # What the relay guarantees (see tests/support/faults.py): the step logged ran, the
-    # next one did not. So these outcomes are exact, not likely.
-    expected = {
-        "connect (SSH banner)": ("old", "old"),
-        "1st upload opened": ("old", "old"),
-        "2nd upload renamed": ("old", "old"),
-        "before switch (current link staged)": ("old", "old"),
-        "right after switch": ("new", "old"),
-        "during qemu.conf write": ("new", "old"),
-        "qemu.conf renamed": ("new", "new"),
-        "new host: 1st upload renamed": ("none", "old"),
-    }
-    assert {label: (w, c) for label, w, c, _, _ in rows} == expected
+    assert {label: (w, c) for label, w, c, _, _ in rows} == KILL_MATRIX_OUTCOMES
 
 
 def test_first_deploy_killed_between_the_links_leaves_no_partial_set(fleet_factory, tmp_path):

@@ -31,17 +31,20 @@ import pytest
 from tests.integration.test_deploy import (
     CERT_DIR,
     FAULTS,
+    KILL_MATRIX_OUTCOMES,
     QEMU_CONF,
+    arm_all,
     conf_state,
     host_set,
     reports_of,
     ssh_args,
     store_fp,
     tree,
+    two_sets,
 )
 from tests.support.augeas import lens_read
 from tests.support.fakehosts import FakeHost, process_gone
-from tests.support.faults import FaultProxy, _close, close_all, write_proxy_client_files
+from tests.support.faults import FaultProxy, close_all, write_proxy_client_files
 from tests.support.pki import assert_ok, issue, make_store, run_qemuca
 
 pytestmark = [pytest.mark.sshd]
@@ -65,34 +68,20 @@ class ActionProxy(FaultProxy):
         self.action = action
         super().__init__(host)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, from_host: bool) -> None:
-        hold = False
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if from_host and self._should_kill():
-                    if self.action == "freeze":
-                        self.host.freeze()
-                        hold = True  # the client waits for a reply that never comes
-                    elif self.action == "reset":
-                        for s in (src, dst):  # linger 0: close() sends RST, not FIN
-                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        for s in (src, dst):
-                            try:  # wakes the other direction's recv(), which holds the socket
-                                s.shutdown(socket.SHUT_RD)
-                            except OSError:
-                                pass
-                            s.close()
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            if not hold:
-                _close(src)
-                _close(dst)
+    def _fire(self, src: socket.socket, dst: socket.socket) -> bool:
+        if self.action == "freeze":
+            self.host.freeze()
+            return True  # the client waits for a reply that never comes
+        if self.action == "reset":
+            for s in (src, dst):  # linger 0: close() sends RST, not FIN
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            for s in (src, dst):
+                try:  # wakes the other direction's recv(), which holds the socket
+                    s.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+                s.close()
+        return False  # "drop": the pump closes both (FIN)
 
     def ops_after_fault(self, timeout: float = 20.0) -> List[str]:
         """Writing operations the host ran after the one the fault hit, once its SFTP
@@ -272,17 +261,8 @@ def test_connection_dropped_at_the_kill_matrix_points(fleet_factory, tmp_path):
     rows = []
     try:
         names, ssh = proxied_fleet_config(proxies, fleet, tmp_path)
-        deploy_ok(home, had_a, ssh, "--issue")
-        set_a = {n: store_fp(home, n) for n in had_a}
-        conf_a = {h.name: h.read(QEMU_CONF) for h in hosts}
-        issue(home, *had_a, force=True)
-        issue(home, *[h.name for h in hosts if h.name not in had_a])
-        set_b = {h.name: store_fp(home, h.name) for h in hosts}
-        for proxy, (label, trigger, nth, _) in zip(proxies, FAULTS):
-            if trigger == "connect":
-                proxy.arm_connect(label)
-            else:
-                proxy.arm(label, trigger, nth)
+        set_a, conf_a, set_b = two_sets(home, hosts, had_a, lambda: deploy_ok(home, had_a, ssh, "--issue"))
+        arm_all(proxies, FAULTS)
         code, got = deploy(home, names, ssh, "--force-tls")
         assert code == 1
         state = {}
@@ -302,17 +282,8 @@ def test_connection_dropped_at_the_kill_matrix_points(fleet_factory, tmp_path):
         close_all(proxies)
     print_matrix("connection dropped at the kill matrix's points",
                  ("fault point", "set after", "qemu.conf", "rerun"), rows)
-    expected = {  # as test_deploy's kill matrix: the host's files cannot tell the two apart
-        "connect (SSH banner)": ("old", "old"),
-        "1st upload opened": ("old", "old"),
-        "2nd upload renamed": ("old", "old"),
-        "before switch (current link staged)": ("old", "old"),
-        "right after switch": ("new", "old"),
-        "during qemu.conf write": ("new", "old"),
-        "qemu.conf renamed": ("new", "new"),
-        "new host: 1st upload renamed": ("none", "old"),
-    }
-    assert {label: (w, c) for label, w, c, _ in rows} == expected
+    # As test_deploy's kill matrix: the host's files cannot tell the two apart.
+    assert {label: (w, c) for label, w, c, _ in rows} == KILL_MATRIX_OUTCOMES
 
 
 # -------------------------------------------------------------- (b) disk full

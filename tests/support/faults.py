@@ -137,20 +137,27 @@ class FaultProxy:
             self._spawn(self._pump, upstream, client, True)
 
     def _pump(self, src: socket.socket, dst: socket.socket, from_host: bool) -> None:
+        hold = False
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
                 if from_host and self._should_kill():
-                    self.host.kill()
+                    hold = self._fire(src, dst)
                     break
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            _close(src)
-            _close(dst)
+            if not hold:
+                _close(src)
+                _close(dst)
+
+    def _fire(self, src: socket.socket, dst: socket.socket) -> bool:
+        """What the trigger does (here: kill the whole host); True keeps both sockets open."""
+        self.host.kill()
+        return False
 
     def _should_kill(self) -> bool:
         with self._lock:

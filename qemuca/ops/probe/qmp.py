@@ -27,6 +27,10 @@ from qemuca.hosts.ssh import Connection, ExecChannel
 from qemuca.names import host_port
 
 MAX_BANDWIDTH = 2 ** 62  # bytes/s: unlimited, as libvirt sets it
+# A QMP message is a few KiB; QEMU's stderr a few lines. More is a broken or hostile host:
+# the line is refused, stderr kept up to the cap (the rest is not read into memory).
+MAX_QMP_LINE = 1 << 20
+MAX_STDERR = 64 << 10
 REAP_SECONDS = 10.0  # at most, for a QEMU that never answered
 KILL_MARGIN = 10  # seconds `timeout` gives QEMU beyond the probe's own deadline
 QEMU_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64",
@@ -223,6 +227,9 @@ class RemoteQemu:
         data = chan.read()
         if data:
             self._out += data
+            if len(self._out) > MAX_QMP_LINE and self._out.find(b"\n") < 0:
+                raise RemoteError(f"{self.host.name}: QEMU ({self.role}) printed more than {MAX_QMP_LINE} "
+                                  "bytes without a QMP message: refused (a broken or hostile host?)")
             return
         if chan.at_eof or not self.host.conn.alive:
             self._gone()
@@ -238,7 +245,8 @@ class RemoteQemu:
     # -- stderr
     def drain(self) -> None:
         if self.chan is not None:
-            self._err += self.chan.read_stderr()
+            data = self.chan.read_stderr()
+            self._err += data[:max(0, MAX_STDERR - len(self._err))]
 
     def mark(self) -> int:
         self.drain()

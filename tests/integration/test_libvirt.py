@@ -19,6 +19,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from tests.integration.test_adopt import certtool_host_set, place
+from tests.pki.test_import_ca import certtool_ca
 from tests.support.capture import QEMU_MAGIC, TLS_APPDATA, capture
 from tests.support.fakehosts import DEFAULT_QEMU_CONF, Fleet
 from tests.support.libvirt import QEMU_USER, Libvirtd, migrate, require_libvirt_tools, start_libvirtds
@@ -524,3 +526,35 @@ def test_probe_libvirt_moves_a_throwaway_guest_and_leaves_nothing(tmp_path, libv
     assert table.returncode == 0 and "TLS migration" in table.stdout, table.stdout + table.stderr
     for d in (one, two, stranger):
         assert d.domains() == {} and d.qemu_pids() == [], d.name
+
+
+def test_takeover_from_a_foreign_ca_while_libvirt_migrates(tmp_path, libvirt_fleet):
+    """Brownfield with libvirt: the hosts hold certtool sets of a foreign CA; the store
+    takes it over (ca rollover start --from-cert), adopts and renews the hosts and
+    finishes, while a guest migrates back and forth: no migration fails."""
+    fleet, (one, two) = libvirt_fleet(2)
+    foreign_cert, foreign_key = certtool_ca(tmp_path)
+    (tmp_path / "foreign.pem").write_bytes(foreign_cert)
+    for d in (one, two):
+        place(d.host, certtool_host_set(tmp_path / "sets", foreign_cert, foreign_key, d.name))
+    home = new_ca(tmp_path / "ca")
+    for d in (one, two):  # libvirt reads the certtool sets as they are
+        conf = d.host.read("/etc/libvirt/qemu.conf").decode()
+        d.host.write("/etc/libvirt/qemu.conf", f'migrate_tls_x509_cert_dir = "{CERT_DIR}"\n' + conf, 0o600)
+        d.restart()
+    created = one.create_guest("guest1")
+    assert created.returncode == 0, failed(created) + one.log_text()
+    steps = [("ca", "rollover", "start", "--from-cert", str(tmp_path / "foreign.pem")),
+             ("adopt", one.name), ("adopt", two.name), ("renew", one.name), ("renew", two.name),
+             ("ca", "rollover", "finish")]
+    with PingPong(one, two, "guest1") as moves:
+        moves.after("start")
+        for step in steps:
+            local = step[:3] == ("ca", "rollover", "start")
+            assert_ok(run_qemuca(home, *step)) if local else qemuca(home, fleet, *step)
+            moves.after(" ".join(step[:2]))
+    assert moves.failures() == [], moves.failures()
+    for d in (one, two):
+        bundle = x509.load_pem_x509_certificates(d.host.read(f"{CERT_DIR}/ca-cert.pem"))
+        assert len(bundle) == 1 and bundle[0].fingerprint(hashes.SHA256()) != \
+            x509.load_pem_x509_certificate(foreign_cert).fingerprint(hashes.SHA256())

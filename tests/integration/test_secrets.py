@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -155,13 +156,27 @@ def key_needles(key) -> List[bytes]:
     """Every form the unencrypted key could be written in: PEM lines and DER (PKCS#8 and
     traditional) and the private scalar itself."""
     out = []
+    public = _public_part(key)
     for fmt in (serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL):
-        out += pem_lines(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
+        # A private key's PEM also carries its public half (an EC point, an RSA modulus);
+        # a line made of public bytes only may rightly stand in a certificate: not a needle.
+        out += [ln for ln in pem_lines(key.private_bytes(serialization.Encoding.PEM, fmt,
+                                                         serialization.NoEncryption()))
+                if base64.b64decode(ln + b"=" * (-len(ln) % 4)) not in public]
         out.append(key.private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption()))
     numbers = key.private_numbers()
     secret = getattr(numbers, "private_value", None) or numbers.d
     raw = secret.to_bytes((secret.bit_length() + 7) // 8, "big")
     return out + [raw, raw.hex().encode()]
+
+
+def _public_part(key) -> bytes:
+    """The public bytes a private key's encodings embed."""
+    pub = key.public_key()
+    if hasattr(pub, "public_numbers") and hasattr(pub.public_numbers(), "n"):
+        n = pub.public_numbers().n
+        return n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 
 
 def leaks(data: bytes, needles: Sequence[bytes]) -> List[bytes]:

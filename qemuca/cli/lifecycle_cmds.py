@@ -23,6 +23,7 @@ from qemuca.cli.remote import (
     select_hosts,
     ssh_options,
 )
+from qemuca.cli.tables import Column
 from qemuca.errors import Conflict, InvalidInput
 from qemuca.hosts.fs import read_user_file
 from qemuca.names import subject_text
@@ -110,9 +111,11 @@ def ca_status_cmd(app, as_json):
         emit_json(status)
         return
     note(f"Rollover stage: {status['stage']}")
-    print_table("CAs", ["role", "subject", "not after", "fingerprint (SHA-256)"],
+    print_table("CAs", [Column("role", essential=True), "subject", "not after",
+                        Column("fingerprint (SHA-256)", whole=True)],
                 [(c["role"], c["subject"], c["not_after"], c["fingerprint_sha256"][:16]) for c in status["cas"]])
-    print_table("Hosts", ["host", "issued by", "two-CA bundle", "deployed = current"],
+    print_table("Hosts", [Column("host", whole=True, essential=True), Column("issued by", essential=True),
+                          "two-CA bundle", "deployed = current"],
                 [(h["host"], h["issued_by"], "yes" if h["two_ca_bundle"] else "no",
                   "yes" if h["deployed_current"] else "no") for h in status["hosts"]])
 

@@ -146,6 +146,21 @@ def load_key(data: bytes, name: str) -> PrivateKeyTypes:
         raise InvalidInput(f"{name} holds no usable private key") from None
 
 
+def unsafe_dir(st: FileStat, sticky_ok: bool = False) -> List[str]:
+    """Why someone other than root could change a directory QEMU's files are reached
+    through (empty: nobody can). `sticky_ok`: a root-owned sticky directory (/tmp) is
+    fine, as nobody else may rename what root put there: true of a directory above the
+    cert dir, never of the cert dir itself (others could add names to it)."""
+    problems = []
+    if st.uid != 0:
+        problems.append(f"owner uid {st.uid}, not root")
+    writable = st.perms & 0o022
+    if writable and not (sticky_ok and st.uid == 0 and st.perms & 0o1000):
+        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[writable]
+        problems.append(f"mode {st.perms:04o}: writable by {who}")
+    return problems
+
+
 def dirs_between(cert_dir: str, path: str) -> List[str]:
     """The directories from cert_dir down to path's parent (whose modes guard the file)."""
     out, cur = [], posixpath.dirname(path)

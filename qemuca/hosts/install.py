@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError
-from qemuca.hosts.certdir import resolve_inside
+from qemuca.hosts.certdir import resolve_inside, unsafe_dir
 from qemuca.hosts.fs import FS, TEMP_MARK
 from qemuca.hosts.layout import ALL_FILES, CLIENT_LINKS, KEY_FILES, SERVER_KEY, CredentialSet, Modes
 
@@ -211,20 +211,17 @@ def prepare(fs: FS, cert_dir: str, modes: Modes) -> CertDir:
 
 
 def check_secure(fs: FS, path: str, parents: bool = True) -> None:
-    """Refuse a directory (and, with `parents`, each one above it) that is not owned by
-    root or is writable by group or others: whoever can write there can swap the links
-    QEMU follows, or plant one to a root-only file (the rule verify applies too). A
-    root-owned sticky directory (/tmp) is fine: nobody else may rename what root put there."""
+    """Refuse a directory that someone other than root could change (certdir.unsafe_dir,
+    the rule verify applies too): whoever can write there can swap the links QEMU
+    follows, or plant one to a root-only file. With `parents`, `path` is above the cert
+    dir and so is each directory up to /: root-owned sticky ones are fine there."""
     cur = posixpath.normpath(path)
     while True:
         st = fs.stat(cur)
-        if st is not None:
-            problems = ([f"owned by uid {st.uid}"] if st.uid != 0 else []) + (
-                [f"mode {st.perms:04o} (writable by group or others)"]
-                if st.perms & 0o022 and not (st.perms & 0o1000 and st.uid == 0) else [])  # sticky /tmp: fine
-            if problems:
-                raise InvalidInput(f"{cur} is {' and '.join(problems)}: anyone who can write there could "
-                                   f"swap the files QEMU reads; fix it first: chown root {cur} && chmod go-w {cur}")
+        problems = unsafe_dir(st, sticky_ok=parents) if st is not None else []
+        if problems:
+            raise InvalidInput(f"{cur}: {'; '.join(problems)}: anyone who can write there could swap the "
+                               f"files QEMU reads; fix it first: chown root {cur} && chmod go-w {cur}")
         if not parents or cur == "/":
             return
         cur = posixpath.dirname(cur)

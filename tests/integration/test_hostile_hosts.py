@@ -107,7 +107,8 @@ def test_a_hostname_that_is_not_a_name_is_never_suggested_in_a_command(deployed)
         assert "curl" not in (c.get("fix") or ""), c
 
 
-@pytest.mark.parametrize("plant", ["dir-0777", "dir-owned-by-user", "parent-0777", "key-link-to-shadow"])
+@pytest.mark.parametrize("plant", ["dir-0777", "dir-sticky-1777", "dir-owned-by-user", "parent-0777",
+                                   "key-link-to-shadow"])
 def test_insecure_or_planted_cert_dirs_are_refused_before_anything_is_copied(fleet_factory, tmp_path, plant):
     """Whoever can write the cert dir (or a directory above it) can swap the links QEMU
     follows; a planted link would make qemuca copy a root-only file into a set QEMU's
@@ -119,6 +120,8 @@ def test_insecure_or_planted_cert_dirs_are_refused_before_anything_is_copied(fle
     cert_dir.mkdir(parents=True)
     if plant == "dir-0777":
         os.chmod(cert_dir, 0o777)
+    elif plant == "dir-sticky-1777":  # sticky protects root's names, not the names others add
+        os.chmod(cert_dir, 0o1777)
     elif plant == "dir-owned-by-user":
         os.chown(cert_dir, 1001, 1001)
     elif plant == "parent-0777":

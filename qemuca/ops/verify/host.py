@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from qemuca.errors import InvalidInput, NotFound, QemucaError
 from qemuca.findings import FAIL, PASS, SKIP, WARN, Finding, Result
 from qemuca.hosts import qemuconf
-from qemuca.hosts.certdir import CertSet, dirs_between, read_certs, read_set
+from qemuca.hosts.certdir import CertSet, dirs_between, read_certs, read_set, unsafe_dir
 from qemuca.hosts.hostinfo import DAEMON_NAMES, host_name, resolve_group
 from qemuca.hosts.layout import (
     ALL_FILES,
@@ -124,12 +124,7 @@ def _check_dir(h: _Host, cs: CertSet) -> None:
               f"{h.redeploy} (or give the right --cert-dir)")
         return
     st = h.fs.stat(d)
-    problems = []
-    if st.uid != 0:
-        problems.append(f"owner uid {st.uid}, not root")
-    if st.perms & 0o022:
-        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[st.perms & 0o022]
-        problems.append(f"mode {st.perms:04o}: writable by {who}")
+    problems = unsafe_dir(st)
     if problems:
         h.add("cert dir", FAIL, f"{d}: " + "; ".join(problems),
               f"chown root {d} && chmod 0755 {d}")
@@ -176,7 +171,7 @@ def _check_files(h: _Host, cs: CertSet, doc) -> None:
             problems.append("the private key is readable by others")
         for d in dirs_between(cs.cert_dir, path):
             dst = h.fs.stat(d)
-            if dst is not None and (dst.uid != 0 or dst.perms & 0o022):
+            if dst is not None and unsafe_dir(dst):
                 problems.append(f"directory {d} is writable by others than root (mode {dst.perms:04o}, uid {dst.uid})")
                 fixes.append(f"chown root {d} && chmod 0755 {d}")
         if problems:

@@ -17,6 +17,7 @@ from qemuca.cli.options import (
     passphrase_file_option,
     passphrase_source,
     read_passphrase,
+    typed_options,
 )
 from qemuca.cli.output import emit_json, json_option, note, print_table
 from qemuca.errors import InvalidInput, PassphraseError
@@ -140,12 +141,9 @@ def _imported_ca(cert_file, key_file, passphrase_file):
         return None
     if not (cert_file and key_file):
         raise InvalidInput("--import-cert and --import-key go together")
-    ctx = click.get_current_context()
-    given = [f"--{n.replace('_', '-')}" for n in ("common_name", "organization", "key_type", "days")
-             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    given = typed_options("common_name", "organization", "key_type", "days")
     if given:
-        names = {"--common-name": "--cn", "--organization": "--org"}
-        raise InvalidInput(f"{', '.join(names.get(g, g) for g in given)} describe a new CA: an imported "
+        raise InvalidInput(f"{', '.join(given)} describe a new CA: an imported "
                            "CA keeps its own name, key and validity")
     cert_data = read_user_file(cert_file, "CA certificate", MAX_PEM)
     key_data = read_user_file(key_file, "CA key", MAX_PEM)

@@ -12,6 +12,7 @@ from qemuca.cli.options import (
     key_type_option,
     passphrase_file_option,
     passphrase_source,
+    typed_options,
 )
 from qemuca.cli.output import emit_json, json_option, note, print_table
 from qemuca.cli.remote import (
@@ -157,8 +158,7 @@ def rollover_start_cmd(app, common_name, organization, key_type, days, from_cert
     """
 
     if from_cert:
-        given = [f"--{n.replace('_', '-')}" for n in ("common_name", "organization", "key_type", "days")
-                 if click.get_current_context().get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        given = typed_options("common_name", "organization", "key_type", "days")
         if given:
             raise click.UsageError(f"--from-cert makes no new CA: {', '.join(given)} do not apply")
         store = app.store()

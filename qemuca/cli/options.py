@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from typing import List
 
 import click
 
@@ -91,3 +92,11 @@ def days_option(help: str = "Validity in days [default: 730, never past the CA's
                 maximum: int = 36500):
     return click.option("--days", type=click.IntRange(1, maximum), default=default,
                         show_default=default is not None, help=help)
+
+
+def typed_options(*params: str) -> List[str]:
+    """Those of `params` (parameter names) the user typed rather than left at their
+    default, spelt as on the command line (`--cn`): for options that exclude others."""
+    ctx = click.get_current_context()
+    spelt = {p.name: p.opts[0] for p in ctx.command.params}
+    return [spelt[n] for n in params if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]

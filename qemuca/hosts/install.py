@@ -246,8 +246,7 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
     target = prepare(fs, cert_dir, modes)
     names = target.scan()
     foreign = target.foreign_names(names)
-    if foreign:
-        _sources(target)  # a planted link is refused, with or without --force
+    sources = _sources(target) if foreign else {}  # a planted link is refused, with or without --force
     if foreign and not force:
         raise Conflict(f"{cert_dir} holds files qemuca did not write ({', '.join(foreign)}); "
                        "use --force to replace them (they are kept for rollback)")
@@ -263,7 +262,7 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
     if foreign:
         # What QEMU reads now becomes a set of ours, `current` points at it, and the
         # foreign names become links to the same bytes: nothing changes for QEMU yet.
-        old_id = _adopt(target, stamp)
+        old_id = _adopt(target, stamp, sources)
         _point(target, CURRENT, old_id)
 
     # Every name the new set has links into `current` before the switch (a new name
@@ -322,7 +321,7 @@ def _write_set(target: CertDir, creds: CredentialSet, modes: Modes, manifest: by
             raise InstallError(f"{directory}/{name} did not read back as written")
 
 
-def _adopt(target: CertDir, stamp: str) -> str:
+def _adopt(target: CertDir, stamp: str, sources: Dict[str, str]) -> str:
     """Keep what QEMU reads now (copied on the place, with modes) as a set for rollback.
 
     Every layout name is copied, not only the foreign ones: a dir mixing foreign
@@ -334,7 +333,7 @@ def _adopt(target: CertDir, stamp: str) -> str:
     set_id = "adopted-" + stamp.replace(":", "").replace("-", "")
     directory = posixpath.join(target.sets, set_id)
     fs.makedirs(directory, 0o755)
-    for name, path in _sources(target).items():
+    for name, path in sources.items():  # _sources(): resolved, and checked, before any write
         fs.copy(path, posixpath.join(directory, name))
     return set_id
 

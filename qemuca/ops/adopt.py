@@ -46,10 +46,11 @@ def adopt_host(conn, fs, authority: CertificateAuthority, host: str, opts: Deplo
     _check_key_on_host(conn, opts.cert_dir, cert)
     current = authority.store.valid_for_host(host)
     fp = fingerprint(cert)
-    if current is not None and current.fingerprint_sha256 != fp and not force:
-        raise Conflict(f"{host} already has another valid certificate in the index (serial "
-                       f"{current.serial}): use --force to record the one on the host instead")
-    if not force and (current is None or current.fingerprint_sha256 != fp):
+    new = current is None or current.fingerprint_sha256 != fp  # else recorded already: unchanged
+    if new and not force:
+        if current is not None:
+            raise Conflict(f"{host} already has another valid certificate in the index (serial "
+                           f"{current.serial}): use --force to record the one on the host instead")
         authority.check_names(host, [s for s in profile.sans_of(cert) if s != host])
     where = placement(conn, fs, opts)
     record = dataclasses.replace(authority.record_for(cert, host, "csr", key_type_name(cert.public_key())),
@@ -57,7 +58,7 @@ def adopt_host(conn, fs, authority: CertificateAuthority, host: str, opts: Deplo
     pem = cert.public_bytes(serialization.Encoding.PEM)
 
     def recorded() -> None:
-        if current is None or current.fingerprint_sha256 != fp:
+        if new:
             authority.record(NewCert(record, None), True, "adopt")
 
     adopt_opts = dataclasses.replace(opts, force=True)  # the files found are not qemuca's: kept for rollback

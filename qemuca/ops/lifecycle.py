@@ -97,15 +97,9 @@ def rollover_start(store: Store, authority, *, key_type: str, days: int, common_
         raise Conflict("a CA rollover is already in progress: 'qemuca ca status', then finish it")
     key = profile.generate_key(key_type)
     cert = profile.build_ca_certificate(key, profile.ca_name(common_name, organization), days)
-    staging = os.path.join(store.home, f".ca-new-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.mkdir(staging, 0o700)
-    store.fs.write_atomic(os.path.join(staging, "ca-key.pem"), ca_mod.key_pem(key, passphrase).encode(), 0o600)
-    store.fs.write_atomic(os.path.join(staging, "ca-cert.pem"), ca_mod.cert_pem(cert).encode(), 0o644)
-    state = {"stage": "started", "started_at": iso(profile.utcnow()),
-             "previous_fingerprint": authority.fingerprint, "new_fingerprint": fingerprint(cert),
-             "two_ca_bundle_sha256": hashlib.sha256(ca_mod.cert_pem(cert).encode() + authority.bundle()
-                                                    ).hexdigest()}
+    staging = _stage_ca(store, cert, ca_mod.key_pem(key, passphrase).encode())
+    state = _started(cert, authority.bundle(), previous_fingerprint=authority.fingerprint,
+                     new_fingerprint=fingerprint(cert))
     with store.write() as db:
         store.set_rollover(db, state)
         store.audit(db, "rollover-start", cert.subject.rfc4514_string(), **state)
@@ -113,6 +107,27 @@ def rollover_start(store: Store, authority, *, key_type: str, days: int, common_
         os.rename(store.ca_dir, store.previous_ca_dir)
         os.rename(staging, store.ca_dir)
     return state
+
+
+def _stage_ca(store: Store, cert: x509.Certificate, key_pem: Optional[bytes]) -> str:
+    """A CA's files in a fresh 0700 directory of the store, to be renamed into place in
+    the transaction that records the rollover. Named .ca-new-PID: doctor removes one
+    whose process is gone (a start killed half-way)."""
+    staging = os.path.join(store.home, f".ca-new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging, 0o700)
+    if key_pem is not None:
+        store.fs.write_atomic(os.path.join(staging, "ca-key.pem"), key_pem, 0o600)
+    store.fs.write_atomic(os.path.join(staging, "ca-cert.pem"), ca_mod.cert_pem(cert).encode(), 0o644)
+    return staging
+
+
+def _started(new_cert: x509.Certificate, old_bundle: bytes, **fields) -> dict:
+    """The state of a rollover just started; the two-CA bundle is [new, old], as
+    CertificateAuthority.bundle() gives it during the rollover."""
+    bundle = ca_mod.cert_pem(new_cert).encode() + old_bundle
+    return {"stage": "started", "started_at": iso(profile.utcnow()), **fields,
+            "two_ca_bundle_sha256": hashlib.sha256(bundle).hexdigest()}
 
 
 def rollover_take_over(store: Store, authority, foreign_pem: bytes) -> dict:
@@ -133,15 +148,9 @@ def rollover_take_over(store: Store, authority, foreign_pem: bytes) -> dict:
         raise InvalidInput(f"--from-cert: not a CA QEMU accepts: {problems[0]}")
     if fingerprint(foreign) == authority.fingerprint:
         raise InvalidInput("--from-cert: that is this store's own CA")
-    staging = os.path.join(store.home, f".ca-previous-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.mkdir(staging, 0o700)
-    store.fs.write_atomic(os.path.join(staging, "ca-cert.pem"), ca_mod.cert_pem(foreign).encode(), 0o644)
-    state = {"stage": "started", "started_at": iso(profile.utcnow()),
-             "previous_fingerprint": fingerprint(foreign), "new_fingerprint": authority.fingerprint,
-             "previous_from_cert": True,
-             "two_ca_bundle_sha256": hashlib.sha256(authority.bundle() + ca_mod.cert_pem(foreign).encode()
-                                                    ).hexdigest()}
+    staging = _stage_ca(store, foreign, None)
+    state = _started(authority.cert, ca_mod.cert_pem(foreign).encode(), previous_fingerprint=fingerprint(foreign),
+                     new_fingerprint=authority.fingerprint, previous_from_cert=True)
     with store.write() as db:
         store.set_rollover(db, state)
         store.audit(db, "rollover-start", foreign.subject.rfc4514_string(), **state)

@@ -386,9 +386,10 @@ class _Doctor:
                 if status == "valid" and issuer.role == "retired":
                     stale_valid.append(f"{name}: valid but signed by a retired CA ({issuer.where})")
             if key_pem is not None:
-                if not is_encrypted_pem(key_pem.encode()):
+                key_encrypted = is_encrypted_pem(key_pem.encode())
+                if not key_encrypted:
                     plain_keys.append(name)
-                if is_encrypted_pem(key_pem.encode()) and self.passphrase is None:
+                if key_encrypted and self.passphrase is None:
                     unchecked_keys += 1
                 else:
                     problem = _key_problem(key_pem, cert, self.passphrase)

@@ -61,9 +61,8 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
     """openssl s_server with dst's server set, s_client on src with its client set and
     -verify_hostname name: both peers authenticated, as in a migration. Each runs under
     `timeout` where the host has it, and whatever still runs at the end is killed by PID."""
-    src_run, dst_run = src.runner, dst.runner
-    for side, runner in ((src, src_run), (dst, dst_run)):
-        if not _has(runner, ["openssl", "version"]):
+    for side in (src, dst):
+        if not _has(side.runner, ["openssl", "version"]):
             return Finding("TLS handshake", SKIP, f"{side.name} has no openssl: handshake not tried",
                          "install openssl on the host to run --handshake")
     d = posixpath.normpath(opts.cert_dir)
@@ -82,8 +81,8 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
     client = ["openssl", "s_client", "-connect", host_port(address, opts.port), "-ign_eof",
               "-cert", f"{d}/{CLIENT_CERT}", "-key", f"{d}/{CLIENT_KEY}", "-CAfile", f"{d}/{CA_BUNDLE}",
               "-verify_return_error", "-verify_hostname", name]
-    bound = {side.name: (["timeout", "-s", "KILL", seconds] if _has(runner, ["timeout", "--version"]) else [])
-             for side, runner in ((src, src_run), (dst, dst_run))}
+    bound = {side.name: (["timeout", "-s", "KILL", seconds] if _has(side.runner, ["timeout", "--version"]) else [])
+             for side in (src, dst)}
     if listening(dst.fs, opts.port):
         return Finding("TLS handshake", FAIL, f"port {opts.port} is already in use on {dst.name}",
                      "choose a free port with --port")
@@ -91,7 +90,7 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
 
     def serve() -> None:
         try:
-            done.append(dst_run.run(bound[dst.name] + server, timeout=opts.timeout + 5))
+            done.append(dst.runner.run(bound[dst.name] + server, timeout=opts.timeout + 5))
         except QemucaError as e:
             done.append(e)
 
@@ -117,17 +116,17 @@ def handshake(src: Side, dst: Side, name: str, opts: PairOptions) -> Finding:
                          + (f": {why}" if why else ""), "choose a free port with --port")
         client_started = True
         try:
-            client_result = src_run.run(bound[src.name] + client, stdin=b"GET / HTTP/1.0\r\n\r\n",
-                                        timeout=opts.timeout + 5)
+            client_result = src.runner.run(bound[src.name] + client, stdin=b"GET / HTTP/1.0\r\n\r\n",
+                                           timeout=opts.timeout + 5)
         except QemucaError as e:
             client_result = e
         thread.join(max(0.5, deadline - time.monotonic()))
     finally:
         if server_pid is not None and argv_of(dst.fs, "/proc", str(server_pid)) == server:
-            _kill(dst_run, server_pid)
+            _kill(dst.runner, server_pid)
         if client_started and (client_result is None or isinstance(client_result, Exception)):
             for pid in find_pids(src.fs, client):
-                _kill(src_run, pid)
+                _kill(src.runner, pid)
         thread.join(5)
     where = f"{src.name} -> {dst.name} at {host_port(address, opts.port)}, name {name}"
     if isinstance(client_result, Exception):

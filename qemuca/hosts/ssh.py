@@ -407,6 +407,9 @@ def _open(alias: str, options: SshOptions, config: paramiko.SSHConfig, user: Opt
             sock = paramiko.ProxyCommand(target.proxy_command)
         else:
             sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
+            # Without it Nagle holds each small request (a channel
+            # open, an SFTP call) until the host's delayed ACK, about 40 ms per exchange.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t = paramiko.Transport(sock)
         t.banner_timeout = t.handshake_timeout = t.auth_timeout = timeout
         _prefer_known_key_types(t, target)

@@ -88,6 +88,20 @@ def _config_lines(path: str, base: str, depth: int = 0) -> List[str]:
     return out
 
 
+class _SSHConfig(paramiko.SSHConfig):
+    """paramiko's parser, minus one cost: for every Host block that does not match,
+    paramiko asks getpass.getuser() (a passwd lookup when $USER is unset, as under
+    cron or a systemd unit) before finding the block has no Match criteria. With a
+    generated config of one block per host, resolving every host of a fleet became
+    quadratic in the fleet's size. A block without Match criteria matches nothing here,
+    which is what paramiko returns for it (an empty list)."""
+
+    def _does_match(self, match_list, *args):
+        if not match_list:
+            return []
+        return super()._does_match(match_list, *args)
+
+
 def load_ssh_config(path: Optional[str] = None) -> paramiko.SSHConfig:
     """An explicit file alone (like `ssh -F`), else the user's and the system's files."""
     if path is not None:
@@ -102,7 +116,7 @@ def load_ssh_config(path: Optional[str] = None) -> paramiko.SSHConfig:
         # A Host line ends any block an earlier file left open.
         lines += (["Host *"] if lines else []) + _config_lines(p, base)
     try:
-        return paramiko.SSHConfig.from_text("\n".join(lines))
+        return _SSHConfig.from_text("\n".join(lines))
     except paramiko.ssh_exception.ConfigParseError as e:
         raise InvalidInput(f"ssh config {files[0][0]}: {e}") from None
 

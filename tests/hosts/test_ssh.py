@@ -359,3 +359,23 @@ def test_an_include_or_known_hosts_that_is_no_regular_file_is_refused_at_once(tm
     with pytest.raises(InvalidInput, match="not a regular file"):
         read_known_hosts(str(fifo))
     assert read_known_hosts("/dev/null") == []
+
+
+def test_config_lookups_match_paramikos_own_with_host_and_match_blocks(tmp_path, monkeypatch):
+    """qemuca skips paramiko's user lookup for Host blocks (it made a generated
+    one-block-per-host config quadratic): every lookup must still equal paramiko's."""
+    monkeypatch.delenv("USER", raising=False)
+    monkeypatch.delenv("LOGNAME", raising=False)
+    text = "\n".join([f"Host h{i}.example\n  Port {2200 + i}\n  User u{i}" for i in range(30)]
+                     + ["Match host h3*\n  IdentityFile ~/.ssh/three",
+                        "Match originalhost other.example\n  HostName 127.0.0.9",
+                        "Host *\n  ConnectTimeout 7"])
+    cfg = tmp_path / "config"
+    cfg.write_text(text + "\n")
+    ours = load_ssh_config(str(cfg))
+    stock = paramiko.SSHConfig.from_text(text)
+    for name in ["h0.example", "h3.example", "h29.example", "other.example", "nowhere.example"]:
+        assert ours.lookup(name) == stock.lookup(name), name
+    assert ours.lookup("h3.example")["port"] == "2203"
+    assert ours.lookup("h3.example")["identityfile"][0].endswith("/.ssh/three")
+    assert ours.lookup("other.example")["hostname"] == "127.0.0.9"

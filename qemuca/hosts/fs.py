@@ -15,7 +15,7 @@ import secrets
 import shutil
 import stat as stat_mod
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from qemuca.errors import InvalidInput
 
@@ -46,6 +46,7 @@ class FileStat:
 
 
 TEMP_MARK = ".qemuca-tmp-"
+NOT_A_LINK = ""  # FS.links(): the path exists and is not a symbolic link
 MAX_USER_FILE = 16 << 20  # a hosts file, inventory or PEM file beyond this is not one
 # A file read from a place (a cert, key, bundle, CRL, qemu.conf, a /proc entry) beyond this
 # is not one: a hostile host could otherwise make us read a 300 MB sparse file into memory.
@@ -56,10 +57,11 @@ def too_large(path: str, limit: int) -> OSError:
     return OSError(errno.EFBIG, f"File too large (over {limit} bytes)", path)
 
 
-def temp_name(path: str) -> str:
-    """A hidden sibling name for staging `path`; random so parallel writers never clash."""
+def temp_name(path: str, directory: Optional[str] = None) -> str:
+    """A hidden name for staging `path`, beside it (or in `directory`, on the same file
+    system); random so parallel writers never clash."""
     head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}{TEMP_MARK}{secrets.token_hex(6)}")
+    return os.path.join(directory or head, f".{tail}{TEMP_MARK}{secrets.token_hex(6)}")
 
 
 class FS:
@@ -83,11 +85,23 @@ class FS:
     def listdir(self, path: str) -> List[str]:
         raise NotImplementedError
 
+    def make_dir(self, path: str, mode: int) -> bool:
+        """One directory (its parent exists) with exactly `mode`; False when it was
+        there already (it is given `mode` too)."""
+        st = self.stat(path, follow=False)
+        if st is not None and not st.is_dir:
+            raise FileExistsError(errno.EEXIST, "exists and is not a directory", path)
+        if st is None:
+            self.makedirs(path, mode)
+        self.chmod(path, mode)
+        return st is None
+
     def readlink(self, path: str) -> str:
         raise NotImplementedError
 
-    def symlink_atomic(self, target: str, path: str) -> None:
-        """Point `path` at `target`, replacing whatever link was there in one rename."""
+    def symlink_atomic(self, target: str, path: str, temp_dir: Optional[str] = None) -> None:
+        """Point `path` at `target`, replacing whatever link was there in one rename
+        (of a temp link made beside it, or in `temp_dir`: where leftovers are looked for)."""
         raise NotImplementedError
 
     def rename(self, source: str, target: str) -> None:
@@ -101,13 +115,57 @@ class FS:
     def remove(self, path: str) -> None:
         raise NotImplementedError
 
-    def rmtree(self, path: str) -> None:
+    def rmtree(self, path: str, expect: Sequence[str] = ()) -> None:
+        """Delete a directory tree; `expect`: the names it most likely holds (a place
+        over the network removes those without listing first)."""
         raise NotImplementedError
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         raise NotImplementedError
 
     def chmod(self, path: str, mode: int) -> None:
+        raise NotImplementedError
+
+    # Batches: a place over the network answers a whole batch in one round trip
+    # (RemoteFS pipelines them); here, one at a time.
+
+    def read_many(self, paths: List[str], limit: int = MAX_PLACE_FILE,
+                  sizes: Optional[List[int]] = None) -> List[Optional[bytes]]:
+        """Each file's bytes; None where it is missing (or a link that dangles). `sizes`:
+        the sizes expected (a read-back): a file may then come back cut after one byte
+        more than expected, which is enough to tell it differs."""
+        out: List[Optional[bytes]] = []
+        for path in paths:
+            try:
+                out.append(self.read_bytes(path, limit))
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def write_many(self, files, atomic: bool = True) -> None:
+        """write_atomic each (path, data, mode, uid, gid); without `atomic` a target may be
+        written in place (only in a directory no reader uses yet)."""
+        for path, data, mode, uid, gid in files:
+            self.write_atomic(path, data, mode, uid, gid)
+
+    def stat_many(self, paths: List[str], follow: bool = True) -> List[Optional[FileStat]]:
+        return [self.stat(p, follow) for p in paths]
+
+    def links(self, paths: List[str]) -> List[Optional[str]]:
+        """Per path: None (missing), NOT_A_LINK, or the symbolic link's target."""
+        out: List[Optional[str]] = []
+        for path, st in zip(paths, self.stat_many(paths, follow=False)):
+            out.append(None if st is None else self.readlink(path) if st.is_link else NOT_A_LINK)
+        return out
+
+    def remove_many(self, paths: List[str]) -> None:
+        """Remove each file; the missing ones are fine."""
+        for path in paths:
+            if self.stat(path, follow=False) is not None:
+                self.remove(path)
+
+    def sync(self, paths: List[str]) -> None:
+        """Make each file or directory durable (for a directory: the renames in it)."""
         raise NotImplementedError
 
     def exists(self, path: str) -> bool:
@@ -208,7 +266,7 @@ class LocalFS(FS):
     def stat(self, path, follow=True):
         try:
             st = os.stat(path) if follow else os.lstat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # as sftp-server says: no such file
             return None
         return FileStat(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime)
 
@@ -221,8 +279,8 @@ class LocalFS(FS):
     def readlink(self, path):
         return os.readlink(path)
 
-    def symlink_atomic(self, target, path):
-        tmp = temp_name(path)
+    def symlink_atomic(self, target, path, temp_dir=None):
+        tmp = temp_name(path, temp_dir)
         os.symlink(target, tmp)
         try:
             os.rename(tmp, path)
@@ -243,7 +301,15 @@ class LocalFS(FS):
     def remove(self, path):
         os.unlink(path)
 
-    def rmtree(self, path):
+    def sync(self, paths):
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def rmtree(self, path, expect=()):
         shutil.rmtree(path)
 
     def chown(self, path, uid, gid):

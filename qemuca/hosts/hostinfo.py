@@ -6,7 +6,7 @@ runs as (which must be able to read the keys).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from qemuca import names
 from qemuca.errors import InvalidInput, NotFound
@@ -75,14 +75,32 @@ def resolve_group(conn, fs, doc: Optional[qemuconf.Document], wanted: Optional[s
     for name, source in _group_candidates(conn, fs, doc, wanted):
         if name.startswith("+") and name[1:].isdigit():  # libvirt's numeric "+107"
             return QemuGroup(name, int(name[1:]), source)
-        result = conn.run_command("getent_group", group=name)
-        fields = result.text.strip().split(":")
-        if result.ok and len(fields) >= 3 and fields[2].isdigit():
+        fields = account(conn, fs, "group", name)
+        if fields is not None and len(fields) >= 3 and fields[2].isdigit():
             return QemuGroup(name, int(fields[2]), source)
         raise NotFound(f"{conn.name}: QEMU's group is {name} ({source}), but the host has no such group: "
                        "is libvirt's QEMU driver installed? (or give --group)")
     raise NotFound(f"{conn.name}: cannot tell which group libvirt runs QEMU as (no `group` in qemu.conf, "
                    "no documented default, no known distribution, no libvirt-qemu or qemu user): give --group")
+
+
+def account(conn, fs, database: str, name: str) -> Optional[List[str]]:
+    """The fields of `name`'s entry in the host's group or passwd database, or None.
+
+    /etc/group (/etc/passwd) is read first, over the file system the rest of the work
+    uses: libvirt's QEMU user and group are local ones its packages create, and a
+    command costs the host a process. A name it does not hold is asked of `getent`,
+    which sees every NSS source (LDAP, SSSD)."""
+    try:
+        text = fs.read_bytes(f"/etc/{database}").decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return fields
+    result = conn.run_command(f"getent_{database}", **{"group" if database == "group" else "user": name})
+    return result.text.strip().split(":") if result.ok else None
 
 
 def _group_candidates(conn, fs, doc, wanted):
@@ -104,9 +122,8 @@ def _group_candidates(conn, fs, doc, wanted):
         yield QEMU_GROUPS[family], f"libvirt's default on {family} (/etc/os-release)"
         return
     for user in (QEMU_GROUPS["debian"], QEMU_GROUPS["rhel"]):  # the user libvirt's packages create
-        result = conn.run_command("getent_passwd", user=user)
-        fields = result.text.strip().split(":")
-        if result.ok and len(fields) >= 4 and fields[3].isdigit():
+        fields = account(conn, fs, "passwd", user)
+        if fields is not None and len(fields) >= 4 and fields[3].isdigit():
             yield f"+{fields[3]}", f"the primary group of user {user}"
             return
 

@@ -24,11 +24,11 @@ import posixpath
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from qemuca.errors import Conflict, InvalidInput, NotFound, QemucaError
 from qemuca.hosts.certdir import resolve_inside, unsafe_dir
-from qemuca.hosts.fs import FS, TEMP_MARK
+from qemuca.hosts.fs import FS, TEMP_MARK, FileStat
 from qemuca.hosts.layout import ALL_FILES, CLIENT_LINKS, KEY_FILES, SERVER_KEY, CredentialSet, Modes
 
 STATE_DIR = ".qemuca"
@@ -53,6 +53,7 @@ class InstallResult:
     previous_id: Optional[str] = None
     adopted: List[str] = field(default_factory=list)  # foreign files kept in a set
     actions: List[str] = field(default_factory=list)  # what changed, for people
+    changed_dirs: List[str] = field(default_factory=list)  # whose entries changed (to fsync)
 
 
 def link_target(name: str) -> str:
@@ -71,27 +72,25 @@ class CertDir:
         self.path = path.rstrip("/") or "/"
         self.state = posixpath.join(self.path, STATE_DIR)
         self.sets = posixpath.join(self.state, SETS)
+        self.sets_exist = False  # known once prepare() looked
 
-    def _pointer(self, which: str) -> Optional[str]:
-        link = posixpath.join(self.state, which)
-        if self.fs.stat(link, follow=False) is None:
-            return None
-        return posixpath.basename(self.fs.readlink(link).rstrip("/"))
+    def pointers(self) -> Tuple[Optional[str], Optional[str]]:
+        """(current, previous): the set ids the two pointers name (None: no pointer)."""
+        found = self.fs.links([posixpath.join(self.state, CURRENT), posixpath.join(self.state, PREVIOUS)])
+        return tuple(posixpath.basename(t.rstrip("/")) if t else None for t in found)  # type: ignore[return-value]
 
     def current_id(self) -> Optional[str]:
-        return self._pointer(CURRENT)
+        return self.pointers()[0]
 
     def previous_id(self) -> Optional[str]:
-        return self._pointer(PREVIOUS)
+        return self.pointers()[1]
 
     def scan(self) -> Dict[str, Optional[str]]:
         """The layout names present in the dir: name -> link target (None: not a link)."""
         found: Dict[str, Optional[str]] = {}
-        for name in ALL_FILES:
-            path = posixpath.join(self.path, name)
-            st = self.fs.stat(path, follow=False)
-            if st is not None:
-                found[name] = self.fs.readlink(path) if st.is_link else None
+        for name, target in zip(ALL_FILES, self.fs.links([posixpath.join(self.path, n) for n in ALL_FILES])):
+            if target is not None:
+                found[name] = target or None  # NOT_A_LINK ("") -> None
         return found
 
     def foreign_names(self, scan: Optional[Dict[str, Optional[str]]] = None) -> List[str]:
@@ -113,23 +112,28 @@ class CertDir:
     def set_intact(self, creds: CredentialSet, modes: Modes) -> bool:
         """The stored set is exactly `creds`: files, in-set links, modes and owners."""
         directory = posixpath.join(self.sets, creds.set_id)
-        if self.fs.stat(directory) is None or set(self.set_names(creds.set_id)) != set(creds.names):
+        try:
+            if set(self.set_names(creds.set_id)) != set(creds.names):
+                return False
+        except FileNotFoundError:
             return False
-        for name in creds.names:
-            path = posixpath.join(directory, name)
-            st = self.fs.stat(path, follow=False)
+        names = sorted(creds.names)
+        paths = [posixpath.join(directory, n) for n in names]
+        links = [n for n in names if n in CLIENT_LINKS]
+        targets = dict(zip(links, self.fs.links([posixpath.join(directory, n) for n in links])))
+        if any(targets[n] != CLIENT_LINKS[n] for n in links):
+            return False
+        for name, st in zip(names, self.fs.stat_many(paths, follow=False)):
             if name in CLIENT_LINKS:
-                if st is None or not st.is_link or self.fs.readlink(path) != CLIENT_LINKS[name]:
-                    return False
                 continue
             if st is None or not st.is_file or st.perms != modes.of(name):
                 return False
             if (modes.uid is not None and st.uid != modes.uid) or \
                     (modes.gid is not None and st.gid != modes.gid):
                 return False
-            if name in creds.files and _sha(self.fs.read_bytes(path)) != _sha(creds.files[name]):
-                return False
-        return True
+        known = [n for n in names if n in creds.files and n not in CLIENT_LINKS]
+        got = self.fs.read_many([posixpath.join(directory, n) for n in known])
+        return all(data is not None and _sha(data) == _sha(creds.files[n]) for n, data in zip(known, got))
 
     def links_match(self, names, scan: Optional[Dict[str, Optional[str]]] = None) -> bool:
         """Exactly `names` are present, each as qemuca's link."""
@@ -137,24 +141,27 @@ class CertDir:
         return set(scan) == set(names) and all(scan[n] == link_target(n) for n in names)
 
     def landed_as(self, creds: CredentialSet) -> bool:
-        """Every name of the set resolves, with the expected bytes where they are known;
-        no other layout name resolves."""
-        for name in ALL_FILES:
-            path = posixpath.join(self.path, name)
-            if name in creds.files:
-                try:
-                    if _sha(self.fs.read_bytes(path)) != _sha(creds.files[name]):
-                        return False
-                except FileNotFoundError:  # missing, or a link that dangles
+        """After the switch: `current` names the set, every name of the set resolves to
+        a regular file of the size written and no other layout name resolves. (The bytes
+        were read back in the set before the switch: one read-back pass.)"""
+        if self.current_id() != creds.set_id:
+            return False
+        stats = self.fs.stat_many([posixpath.join(self.path, n) for n in ALL_FILES])
+        for name, st in zip(ALL_FILES, stats):
+            if name not in creds.names:
+                if st is not None:
                     return False
-            elif (self.fs.stat(path) is not None) != (name in creds.names):
+            elif st is None or not st.is_file:  # missing, or a link that dangles
+                return False
+            elif name in creds.files and st.size != len(creds.files[name]):
                 return False
         return True
 
 
 def _unchanged(target: CertDir, creds: CredentialSet, modes: Modes,
-               scan: Optional[Dict[str, Optional[str]]] = None) -> bool:
-    return (target.current_id() == creds.set_id and target.links_match(creds.names, scan)
+               scan: Optional[Dict[str, Optional[str]]] = None, current: Optional[str] = "?") -> bool:
+    current = target.current_id() if current == "?" else current
+    return (current == creds.set_id and target.links_match(creds.names, scan)
             and target.set_intact(creds, modes))
 
 
@@ -193,38 +200,46 @@ def plan(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes) -> InstallRe
 
 def prepare(fs: FS, cert_dir: str, modes: Modes) -> CertDir:
     """The cert dir, created when missing; on a host (root-owned placement) refused when
-    it or a directory above it could be changed by someone other than root."""
+    it or a directory above it could be changed by someone other than root. The dirs
+    are looked at in one batch: the cert dir, its state dirs, every dir above it."""
+    target = CertDir(fs, cert_dir)
+    above = _above(posixpath.dirname(posixpath.normpath(cert_dir)))
+    own = [target.path, target.state, target.sets]
+    stats = dict(zip(above + own, fs.stat_many(above + own)))
     if modes.uid == 0:
-        check_secure(fs, posixpath.dirname(posixpath.normpath(cert_dir)))
-    st = fs.stat(cert_dir)
+        check_secure(above, stats, parents=True)
+    st = stats[target.path]
     if st is None:
         fs.makedirs(cert_dir, modes.directory)
         if modes.uid is not None:
             fs.chown(cert_dir, modes.uid, 0)
     elif not st.is_dir:
         raise Conflict(f"{cert_dir} exists and is not a directory")
-    target = CertDir(fs, cert_dir)
-    if modes.uid == 0:
-        for path in (cert_dir, target.state, target.sets):
-            check_secure(fs, path, parents=False)
+    elif modes.uid == 0:
+        check_secure(own, stats, parents=False)
+    target.sets_exist = stats[target.sets] is not None and stats[target.sets].is_dir  # type: ignore[union-attr]
     return target
 
 
-def check_secure(fs: FS, path: str, parents: bool = True) -> None:
+def _above(path: str) -> List[str]:
+    """`path` and each directory above it, up to /."""
+    out = [posixpath.normpath(path)]
+    while out[-1] != "/":
+        out.append(posixpath.dirname(out[-1]))
+    return out
+
+
+def check_secure(paths: List[str], stats: Dict[str, Optional[FileStat]], parents: bool) -> None:
     """Refuse a directory that someone other than root could change (certdir.unsafe_dir,
     the rule verify applies too): whoever can write there can swap the links QEMU
-    follows, or plant one to a root-only file. With `parents`, `path` is above the cert
-    dir and so is each directory up to /: root-owned sticky ones are fine there."""
-    cur = posixpath.normpath(path)
-    while True:
-        st = fs.stat(cur)
+    follows, or plant one to a root-only file. With `parents`, the dirs are above the
+    cert dir: root-owned sticky ones are fine there."""
+    for path in paths:
+        st = stats[path]
         problems = unsafe_dir(st, sticky_ok=parents) if st is not None else []
         if problems:
-            raise InvalidInput(f"{cur}: {'; '.join(problems)}: anyone who can write there could swap the "
-                               f"files QEMU reads; fix it first: chown root {cur} && chmod go-w {cur}")
-        if not parents or cur == "/":
-            return
-        cur = posixpath.dirname(cur)
+            raise InvalidInput(f"{path}: {'; '.join(problems)}: anyone who can write there could swap the "
+                               f"files QEMU reads; fix it first: chown root {path} && chmod go-w {path}")
 
 
 def make_staging(fs: FS, cert_dir: str, modes: Modes) -> str:
@@ -233,7 +248,8 @@ def make_staging(fs: FS, cert_dir: str, modes: Modes) -> str:
     target = prepare(fs, cert_dir, modes)
     if target.foreign_names():
         _sources(target)  # a planted link is refused before anything is created
-    fs.makedirs(target.sets, 0o755)
+    if not target.sets_exist:
+        fs.makedirs(target.sets, 0o755)
     path = posixpath.join(target.sets, STAGING_PREFIX + secrets.token_hex(6))
     fs.makedirs(path, 0o700)
     fs.chmod(path, 0o700)
@@ -242,39 +258,41 @@ def make_staging(fs: FS, cert_dir: str, modes: Modes) -> str:
 
 def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bool = False,
             now: Optional[Callable[[], dt.datetime]] = None) -> InstallResult:
-    """Stage, read back, switch, read back again; foreign files need `force`."""
+    """Stage, read back, switch, check the names; foreign files need `force`."""
     target = prepare(fs, cert_dir, modes)
     names = target.scan()
+    old_id, previous_id = target.pointers()
     foreign = target.foreign_names(names)
     sources = _sources(target) if foreign else {}  # a planted link is refused, with or without --force
     if foreign and not force:
         raise Conflict(f"{cert_dir} holds files qemuca did not write ({', '.join(foreign)}); "
                        "use --force to replace them (they are kept for rollback)")
     set_id = creds.set_id
-    if not foreign and _unchanged(target, creds, modes, names):
-        _finish_clean_up(target)
-        return InstallResult(changed=False, set_id=set_id, previous_id=target.previous_id())
-    fs.makedirs(target.sets, 0o755)
+    if not foreign and _unchanged(target, creds, modes, names, old_id):
+        _finish_clean_up(target, old_id, previous_id)
+        return InstallResult(changed=False, set_id=set_id, previous_id=previous_id)
+    if not target.sets_exist:
+        fs.makedirs(target.sets, 0o755)
 
     stamp = (now or (lambda: dt.datetime.now(dt.timezone.utc)))().strftime("%Y-%m-%dT%H:%M:%SZ")
     _write_set(target, creds, modes, creds.manifest(stamp))
-    old_id = target.current_id()
     if foreign:
         # What QEMU reads now becomes a set of ours, `current` points at it, and the
         # foreign names become links to the same bytes: nothing changes for QEMU yet.
         old_id = _adopt(target, stamp, sources)
         _point(target, CURRENT, old_id)
+        names = target.scan()
 
     # Every name the new set has links into `current` before the switch (a new name
     # dangles until then, which QEMU takes as absent), so one rename switches them all.
-    _add_links(target, creds.names, None if foreign else names)
+    _add_links(target, creds.names, names)
     if old_id and old_id != set_id:
         _point(target, PREVIOUS, old_id)  # harmless alone
     _point(target, CURRENT, set_id)  # the switch
     try:
-        _remove_stale_links(target, creds.names)
+        _remove_stale_links(target, creds.names, names)
         if not target.landed_as(creds):
-            raise InstallError(f"{cert_dir}: the files read back differ from what was written; "
+            raise InstallError(f"{cert_dir}: the names do not lead to the set written; "
                                "the previous set is in use")
     except BaseException:
         if old_id and old_id != set_id:
@@ -283,26 +301,36 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
             except Exception:  # the first error is the one to report
                 pass
         raise
+    keep = {set_id, old_id} if old_id and old_id != set_id else {set_id, previous_id}
     try:
-        _collect_garbage(target)
+        _collect_garbage(target, keep)
     except OSError:  # leftovers cost disk space only; the next install retries
         pass
-    return InstallResult(changed=True, set_id=set_id, previous_id=old_id,
-                         adopted=foreign, actions=[f"switched to set {set_id}"])
+    names_changed = foreign or set(names) != set(creds.names) or not target.links_match(creds.names, names)
+    return InstallResult(changed=True, set_id=set_id, previous_id=old_id, adopted=foreign,
+                         actions=[f"switched to set {set_id}"],
+                         changed_dirs=[posixpath.join(target.sets, set_id), target.sets, target.state]
+                         + ([target.path] if names_changed else []))
 
 
 def _point(target: CertDir, which: str, set_id: str) -> None:
-    target.fs.symlink_atomic(posixpath.join(SETS, set_id), posixpath.join(target.state, which))
+    target.fs.symlink_atomic(posixpath.join(SETS, set_id), posixpath.join(target.state, which), target.sets)
 
 
 def _write_set(target: CertDir, creds: CredentialSet, modes: Modes, manifest: bytes) -> None:
+    """The set's directory, written then read back (before any switch: the one read-back
+    pass). A directory made just now is written in place, in batches; one left by an
+    interrupted attempt is cleaned of leftovers and its files replaced atomically."""
     fs = target.fs
     directory = posixpath.join(target.sets, creds.set_id)
-    fs.makedirs(directory, modes.directory)
-    fs.chmod(directory, modes.directory)
+    fresh = fs.make_dir(directory, modes.directory)
     real = {n: d for n, d in creds.files.items() if n not in CLIENT_LINKS}
-    for name, data in real.items():
-        fs.write_atomic(posixpath.join(directory, name), data, modes.of(name), modes.uid, modes.gid)
+    if not fresh:
+        fs.remove_many([posixpath.join(directory, n) for n in fs.listdir(directory)  # leftovers
+                        if (n in ALL_FILES and n not in creds.names) or TEMP_MARK in n])
+    fs.write_many([(posixpath.join(directory, n), d, modes.of(n), modes.uid, modes.gid) for n, d in real.items()]
+                  + [(posixpath.join(directory, MANIFEST), manifest, 0o644, modes.uid, modes.gid)],
+                  atomic=not fresh)
     if creds.key_on_host:
         # Final owner and mode while the key is still in its 0700 staging directory;
         # only then does it move where others can traverse.
@@ -312,12 +340,9 @@ def _write_set(target: CertDir, creds: CredentialSet, modes: Modes, manifest: by
         fs.rename(creds.key_on_host, posixpath.join(directory, SERVER_KEY))
     for name, source in CLIENT_LINKS.items():
         fs.symlink_atomic(source, posixpath.join(directory, name))
-    for name in fs.listdir(directory):  # leftovers of an interrupted attempt at this set
-        if (name in ALL_FILES and name not in creds.names) or TEMP_MARK in name:
-            fs.remove(posixpath.join(directory, name))
-    fs.write_atomic(posixpath.join(directory, MANIFEST), manifest, 0o644, modes.uid, modes.gid)
-    for name, data in real.items():
-        if _sha(fs.read_bytes(posixpath.join(directory, name))) != _sha(data):
+    got = fs.read_many([posixpath.join(directory, n) for n in real], sizes=[len(d) for d in real.values()])
+    for (name, data), back in zip(real.items(), got):
+        if back is None or _sha(back) != _sha(data):
             raise InstallError(f"{directory}/{name} did not read back as written")
 
 
@@ -357,40 +382,40 @@ def _sources(target: CertDir) -> Dict[str, str]:
     return out
 
 
-def _add_links(target: CertDir, names, scan: Optional[Dict[str, Optional[str]]] = None) -> None:
+def _add_links(target: CertDir, names, scan: Dict[str, Optional[str]]) -> None:
     """Each layout name of the set becomes a link into `current` (foreign files replaced).
-    `scan`: the names as CertDir.scan() found them, when nothing has changed them since."""
-    scan = target.scan() if scan is None else scan
+    `scan`: the names as CertDir.scan() found them, nothing having changed them since."""
     for name in sorted(names):
         if scan.get(name) != link_target(name):
-            target.fs.symlink_atomic(link_target(name), posixpath.join(target.path, name))
+            target.fs.symlink_atomic(link_target(name), posixpath.join(target.path, name), target.sets)
 
 
-def _remove_stale_links(target: CertDir, names) -> None:
-    """Layout names the set does not hold (a CRL no longer needed) go, after the switch."""
-    for name in ALL_FILES:
-        path = posixpath.join(target.path, name)
-        if name not in names and target.fs.stat(path, follow=False) is not None:
-            target.fs.remove(path)
+def _remove_stale_links(target: CertDir, names, scan: Dict[str, Optional[str]]) -> None:
+    """Layout names the set does not hold (a CRL no longer needed) go, after the switch.
+    `scan`: the names present before _add_links (which only adds names of the set)."""
+    target.fs.remove_many([posixpath.join(target.path, n) for n in ALL_FILES if n in scan and n not in names])
 
 
 def _switch(target: CertDir, set_id: str) -> None:
     names = target.set_names(set_id)
-    _add_links(target, names)
+    scan = target.scan()
+    _add_links(target, names, scan)
     _point(target, CURRENT, set_id)
-    _remove_stale_links(target, names)
+    _remove_stale_links(target, names, scan)
 
 
-def _garbage(target: CertDir) -> List[str]:
-    """Sets other than current and previous, and staging dirs interrupted enrolls left.
-    (The kept sets hold no leftovers: _write_set cleared the current one before the
-    switch, and the previous one was cleared when it was current.)"""
+def _garbage(target: CertDir, keep) -> List[str]:
+    """Sets other than those in `keep` (current and previous), and staging dirs
+    interrupted enrolls left. (The kept sets hold no leftovers: _write_set cleared the
+    current one before the switch, and the previous one was cleared when it was current.)"""
     fs = target.fs
-    keep = {target.current_id(), target.previous_id()}
+    names = fs.listdir(target.sets)
+    staging = [n for n in names if n.startswith(STAGING_PREFIX)]
+    ages = dict(zip(staging, fs.stat_many([posixpath.join(target.sets, n) for n in staging], follow=False)))
     out = []
-    for name in fs.listdir(target.sets):
-        if name.startswith(STAGING_PREFIX):
-            st = fs.stat(posixpath.join(target.sets, name), follow=False)
+    for name in names:
+        if name in ages:
+            st = ages[name]
             if st is not None and time.time() - st.mtime > STAGING_MAX_AGE_S:
                 out.append(name)  # else maybe an enroll running now
         elif name not in keep:
@@ -398,29 +423,27 @@ def _garbage(target: CertDir) -> List[str]:
     return out
 
 
-def _collect_garbage(target: CertDir, garbage: Optional[List[str]] = None) -> None:
-    """Remove the garbage sets and the temp files an interrupted run left."""
-    for name in _garbage(target) if garbage is None else garbage:
-        target.fs.rmtree(posixpath.join(target.sets, name))
-    _remove_temp_files(target.fs, target.state)
-    _remove_temp_files(target.fs, target.path)
+def _collect_garbage(target: CertDir, keep, garbage: Optional[List[str]] = None) -> None:
+    """Remove the garbage sets and the temp links an interrupted run left (they are
+    made in the sets dir: one listing finds every one)."""
+    fs = target.fs
+    for name in _garbage(target, keep) if garbage is None else garbage:
+        path = posixpath.join(target.sets, name)
+        if TEMP_MARK in name:
+            fs.remove(path)
+        else:
+            fs.rmtree(path, expect=ALL_FILES + (MANIFEST,))
 
 
-def _finish_clean_up(target: CertDir) -> None:
+def _finish_clean_up(target: CertDir, current: Optional[str], previous: Optional[str]) -> None:
     """A run cut off after its switch never removed the old sets (they hold old keys):
     a later run that finds the set in place removes them. One listing when clean."""
     try:
-        garbage = _garbage(target)
+        garbage = _garbage(target, {current, previous})
         if garbage:
-            _collect_garbage(target, garbage)
+            _collect_garbage(target, {current, previous}, garbage)
     except OSError:  # leftovers cost disk space only
         pass
-
-
-def _remove_temp_files(fs: FS, directory: str) -> None:
-    for name in fs.listdir(directory):
-        if TEMP_MARK in name:
-            fs.remove(posixpath.join(directory, name))
 
 
 def rollback(fs: FS, cert_dir: str) -> InstallResult:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 from qemuca.errors import ConfigSyntaxError, InvalidInput, NotFound
+from qemuca.hosts.fs import FileStat
 from qemuca.hosts.layout import DEFAULT_CERT_DIR
 
 DEFAULT_PATH = "/etc/libvirt/qemu.conf"
@@ -525,24 +526,41 @@ class FileEdit:
         return self.created or self.before != self.after
 
 
-def _real_path(fs, path: str) -> str:
-    """Follow symlinks so that the atomic rename replaces the file, not the link."""
+def _real_path(fs, path: str) -> Tuple[str, Optional[FileStat]]:
+    """Follow symlinks so that the atomic rename replaces the file, not the link; with
+    the file's own stat (None: missing)."""
     for _ in range(40):
         st = fs.stat(path, follow=False)
         if st is None or not st.is_link:
-            return path
+            return path, st
         path = posixpath.normpath(posixpath.join(posixpath.dirname(path), fs.readlink(path)))
     raise InvalidInput(f"{path}: too many levels of symbolic links")
 
 
 def read_document(fs, path: str) -> Document:
     """Parse the file at path; NotFound when missing, InvalidInput if not a file."""
-    doc, _ = _read(fs, _real_path(fs, path), create=False)
-    return doc
+    return read_file(fs, path).doc
 
 
-def _read(fs, path: str, create: bool):
-    st = fs.stat(path)
+@dataclass(frozen=True)
+class ConfFile:
+    """A qemu.conf as read: its real path (links followed), what it holds, its stat."""
+
+    path: str
+    doc: Document
+    stat: Optional[FileStat]
+
+
+def read_file(fs, path: str) -> ConfFile:
+    """read_document, keeping what edit_file needs to write the file without reading
+    it again."""
+    real, st = _real_path(fs, path)
+    doc, st = _read(fs, real, st, create=False)
+    return ConfFile(real, doc, st)
+
+
+def _read(fs, path: str, st: Optional[FileStat], create: bool):
+    """The parsed file and its stat (`st`: its lstat, from _real_path)."""
     if st is None:
         parent = posixpath.dirname(path) or "/"
         pst = fs.stat(parent)
@@ -556,17 +574,24 @@ def _read(fs, path: str, create: bool):
 
 
 def edit_file(fs, path: str, change: Callable[[Document], Document], dry_run: bool = False,
-              create: bool = False) -> FileEdit:
+              create: bool = False, current: Optional[ConfFile] = None) -> FileEdit:
     """Read path, apply change, and write the result atomically with the file's mode and
     owner, after saving the previous bytes to path + BACKUP_SUFFIX. Nothing is written
     when nothing changes, on dry_run, or when the file (or result) does not parse.
-    A missing file is created with mode 0600 when create is true."""
-    path = _real_path(fs, path)
-    doc, st = _read(fs, path, create)
+    A missing file is created with mode 0600 when create is true. `current`: the file as
+    read_file() gave it moments ago (not read again; looked at once more before a write,
+    and read again if it changed meanwhile)."""
+    if current is None or current.stat is None:
+        path, st = _real_path(fs, path)
+        doc, st = _read(fs, path, st, create)
+    else:
+        path, doc, st = current.path, current.doc, current.stat
     before, after = doc.to_bytes(), change(doc).to_bytes()
     created = st is None
     if dry_run or (before == after and not created):
         return FileEdit(path, before, after, created, False, None)
+    if current is not None and current.stat is not None and fs.stat(path) != current.stat:
+        return edit_file(fs, path, change, dry_run, create)  # changed since it was read
     backup = None
     if created:
         fs.write_atomic(path, after, NEW_FILE_MODE)

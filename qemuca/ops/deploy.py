@@ -90,16 +90,26 @@ def check_landed(conn, fs, cert_dir: str, creds: CredentialSet) -> None:
         raise install.InstallError(f"{cert_dir}/{SERVER_KEY} does not match the certificate")
 
 
-def sync_host(conn, cert_dir: str, creds: CredentialSet, conf_dir: Optional[str]) -> None:
-    """Make the renames durable: fsync the set's files and the directories that changed
-    (coreutils `sync FILE...`). A plain `sync` flushes every file system of the host,
-    which on a hypervisor busy writing VM disks can take minutes; it is the fallback
-    where `sync` takes no arguments."""
-    state = posixpath.join(cert_dir, install.STATE_DIR)
-    sets = posixpath.join(state, install.SETS)
-    paths = [posixpath.join(sets, creds.set_id, n) for n in sorted(creds.names)]
-    paths += [posixpath.join(sets, creds.set_id), sets, state, cert_dir] + ([conf_dir] if conf_dir else [])
-    if not conn.run(["sync", "--", *paths]).ok:
+def sync_host(conn, fs, cert_dir: str, placed: install.InstallResult, creds: CredentialSet,
+              conf_dir: Optional[str]) -> None:
+    """Make the renames durable: fsync the directories whose entries changed (and a key
+    made on the host, which nothing has synced yet). Over SFTP (fsync@openssh.com on
+    each directory, one round trip); where the server cannot, coreutils `sync FILE...`
+    on the host, and a plain `sync` (which flushes every file system of the host: on a
+    hypervisor busy writing VM disks that can take minutes) where `sync` takes no
+    arguments."""
+    dirs = placed.changed_dirs + ([conf_dir] if conf_dir else [])
+    if not dirs:
+        return
+    directory = posixpath.join(cert_dir, install.STATE_DIR, install.SETS, creds.set_id)
+    key = [posixpath.join(directory, SERVER_KEY)] if creds.key_on_host and placed.changed else []
+    try:
+        fs.sync(key + dirs)
+        return
+    except OSError:
+        pass
+    files = [posixpath.join(directory, n) for n in sorted(creds.names)] if placed.changed else []
+    if not conn.run(["sync", "--", *files, *dirs]).ok:
         conn.run(["sync"])
 
 
@@ -114,9 +124,11 @@ def restart_daemon(conn) -> str:
 
 @dataclass(frozen=True)
 class Placement:
-    """How a set is placed on one host: root-owned, readable by the group QEMU runs as."""
+    """How a set is placed on one host: root-owned, readable by the group QEMU runs as;
+    with the host's qemu.conf as read to find that group (edited without a second read)."""
 
     group: QemuGroup
+    conf: Optional[qemuconf.ConfFile] = None
 
     @property
     def modes(self) -> Modes:
@@ -125,14 +137,14 @@ class Placement:
 
 def placement(conn, fs, opts: DeployOptions) -> Placement:
     """The host's placement, from its qemu.conf (which must exist unless not needed)."""
-    doc = None
+    conf = None
     try:
-        doc = qemuconf.read_document(fs, opts.qemu_conf_path)
+        conf = qemuconf.read_file(fs, opts.qemu_conf_path)
     except NotFound:
         if opts.group is None and opts.qemu_conf:
             raise NotFound(f"{conn.name}: {opts.qemu_conf_path} does not exist: is libvirt "
                            "installed? (--no-qemu-conf to deploy certificates only)") from None
-    return Placement(resolve_group(conn, fs, doc, opts.group))
+    return Placement(resolve_group(conn, fs, conf.doc if conf else None, opts.group), conf)
 
 
 def deploy_host(conn, fs, creds: CredentialSet, opts: DeployOptions) -> HostReport:
@@ -153,8 +165,8 @@ def dry_run(fs, creds: CredentialSet, opts: DeployOptions, where: Placement) -> 
     changed = plan.changed
     if opts.qemu_conf:
         settings = opts.tls_settings()
-        edit = qemuconf.edit_file(fs, opts.qemu_conf_path,
-                                  lambda d: qemuconf.apply_tls(d, settings), dry_run=True)
+        edit = qemuconf.edit_file(fs, opts.qemu_conf_path, lambda d: qemuconf.apply_tls(d, settings),
+                                  dry_run=True, current=where.conf)
         if edit.changed:
             report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
             report.restart_needed = changed = True
@@ -176,7 +188,8 @@ def switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, where: Placem
         conf_dir = None
         if opts.qemu_conf:
             settings = opts.tls_settings()
-            edit = qemuconf.edit_file(fs, opts.qemu_conf_path, lambda d: qemuconf.apply_tls(d, settings))
+            edit = qemuconf.edit_file(fs, opts.qemu_conf_path, lambda d: qemuconf.apply_tls(d, settings),
+                                      current=where.conf)
             if edit.written:
                 report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
                 report.actions.append(f"updated {edit.path} (backup {edit.backup})")
@@ -184,7 +197,7 @@ def switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, where: Placem
                 conf_dir = posixpath.dirname(edit.path)
         if then is not None:
             then()
-        sync_host(conn, opts.cert_dir, creds, conf_dir)
+        sync_host(conn, fs, opts.cert_dir, placed, creds, conf_dir)
     except BaseException:
         if placed.changed and placed.previous_id:
             try:

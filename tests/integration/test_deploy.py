@@ -168,12 +168,12 @@ def store_fp(home, host: str) -> str:
 KILL_MATRIX_OUTCOMES = {
     "connect (SSH banner)": ("old", "old"),
     "1st upload opened": ("old", "old"),
-    "2nd upload renamed": ("old", "old"),
+    "2nd upload written": ("old", "old"),
     "before switch (current link staged)": ("old", "old"),
     "right after switch": ("new", "old"),
     "during qemu.conf write": ("new", "old"),
     "qemu.conf renamed": ("new", "new"),
-    "new host: 1st upload renamed": ("none", "old"),
+    "new host: 1st upload written": ("none", "old"),
 }
 
 
@@ -550,13 +550,13 @@ SET_FILE = r'/\.qemuca/sets/[^/"]+/'
 # (label, trigger: sftp log regex or "connect", nth match, host had set A before)
 FAULTS = [
     ("connect (SSH banner)", "connect", 1, True),
-    ("1st upload opened", r'^open "[^"]*' + SET_FILE + r'\.[^"]*qemuca-tmp[^"]*" flags WRITE', 1, True),
-    ("2nd upload renamed", r'^posix-rename old "[^"]*" new "[^"]*' + SET_FILE + r'[^/"]+\.pem"', 2, True),
+    ("1st upload opened", r'^open "[^"]*' + SET_FILE + r'[^"]*" flags WRITE', 1, True),
+    ("2nd upload written", r'^close "[^"]*' + SET_FILE + r'[^/"]+\.pem" bytes read 0 written', 2, True),
     ("before switch (current link staged)", r'^symlink old "sets/[^"]+" new "[^"]*/\.current\.', 1, True),
     ("right after switch", r'^posix-rename old "[^"]*" new "[^"]*/\.qemuca/current"', 1, True),
     ("during qemu.conf write", r'^open "/etc/libvirt/\.qemu\.conf\.qemuca-tmp', 1, True),
     ("qemu.conf renamed", r'^posix-rename old "[^"]*" new "/etc/libvirt/qemu\.conf"', 1, True),
-    ("new host: 1st upload renamed", r'^posix-rename old "[^"]*" new "[^"]*' + SET_FILE, 1, False),
+    ("new host: 1st upload written", r'^close "[^"]*' + SET_FILE + r'[^"]*" bytes read 0 written', 1, False),
 ]
 
 

@@ -58,7 +58,8 @@ def test_write_atomic_creates_the_file_with_final_mode_and_owner(host_fs):
 
 
 def test_write_atomic_sequence_seen_by_the_sftp_server(host_fs):
-    """The real server's log: O_EXCL at 0600, owner and mode set, data, fsync, rename."""
+    """The real server's log: O_EXCL at 0600, mode and owner set (one request, before any
+    byte), data, fsync, rename."""
     host, fs, gid = host_fs
     log = host.root / "sftp.log"
     wrapper = host.root / "sftp-logged.sh"
@@ -78,7 +79,7 @@ def test_write_atomic_sequence_seen_by_the_sftp_server(host_fs):
     tmp = events[0].split('"')[1]
     assert os.path.dirname(tmp) == DIR and "qemuca-tmp" in tmp
     assert events[0] == f'open "{tmp}" flags WRITE,CREATE,EXCL mode 0600'
-    assert events[1:3] == [f'set "{tmp}" owner 0 group {gid}', f'set "{tmp}" mode 0644']
+    assert events[1:3] == [f'set "{tmp}" mode 0644', f'set "{tmp}" owner 0 group {gid}']
     assert events[3].startswith("debug1: request ") and f'write "{tmp}"' in events[3]
     assert events[4:6] == [f'fsync "{tmp}"', f'close "{tmp}" bytes read 0 written 100']
     assert events[6] == f'posix-rename old "{tmp}" new "{DIR}/ca-cert.pem"'

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from qemuca.cli import cli
 from qemuca.errors import InvalidInput
 from qemuca.hosts import certdir, install, qemuconf
-from qemuca.hosts.fs import LocalFS
+from qemuca.hosts.fs import MAX_PLACE_FILE, LocalFS
 from qemuca.hosts.layout import CredentialSet, host_modes
 from qemuca.hosts.runner import LocalRunner
 from qemuca.ops import verify
@@ -46,8 +46,8 @@ class RootedFS(LocalFS):
     def _p(self, path):
         return path if path.startswith("/proc/") else self.root + path  # one kernel for all
 
-    def read_bytes(self, path):
-        return super().read_bytes(self._p(path))
+    def read_bytes(self, path, limit=MAX_PLACE_FILE):
+        return super().read_bytes(self._p(path), limit)
 
     def stat(self, path, follow=True):
         return super().stat(self._p(path), follow)
@@ -64,13 +64,13 @@ class RootedFS(LocalFS):
     def makedirs(self, path, mode=0o755):
         return super().makedirs(self._p(path), mode)
 
-    def symlink_atomic(self, target, path):
-        return super().symlink_atomic(target, self._p(path))
+    def symlink_atomic(self, target, path, temp_dir=None):
+        return super().symlink_atomic(target, self._p(path), temp_dir and self._p(temp_dir))
 
     def remove(self, path):
         return super().remove(self._p(path))
 
-    def rmtree(self, path):
+    def rmtree(self, path, expect=()):
         return super().rmtree(self._p(path))
 
     def chown(self, path, uid, gid):

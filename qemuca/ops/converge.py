@@ -17,10 +17,10 @@ from typing import List, Optional, Tuple
 
 from qemuca.errors import InvalidInput
 from qemuca.hosts import layout, qemuconf
+from qemuca.names import san_value
 from qemuca.ops.deploy import DeployOptions, HostReport, deploy_from_store, enroll_host, placement
 from qemuca.ops.lifecycle import renew_host
 from qemuca.pki import profile
-from qemuca.names import san_value
 from qemuca.store.index import CertRecord, Store, parse_iso
 
 ENROLL, RENEW, DEPLOY = "enroll", "renew", "deploy"

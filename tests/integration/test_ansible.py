@@ -122,6 +122,7 @@ def world():
     require_fleet_tools()
     playbook_bin = _ansible_tool("ansible-playbook")
     galaxy = _ansible_tool("ansible-galaxy")
+    doc = _ansible_tool("ansible-doc")
     base = Path(tempfile.mkdtemp(prefix="qa-ansible-"))
     fleet = start_fleet(4, Path(tempfile.mkdtemp(prefix="qf-")))
     try:
@@ -140,7 +141,7 @@ def world():
         (callbacks / "qemuca_results.py").write_text(RESULTS_CALLBACK)
         (base / "site.yml").write_text(PLAYBOOK)
         (base / "ansible.cfg").write_text("[defaults]\n")
-        yield SimpleNamespace(fleet=fleet, home=home, base=base, playbook_bin=playbook_bin,
+        yield SimpleNamespace(fleet=fleet, home=home, base=base, playbook_bin=playbook_bin, doc_bin=doc,
                               inventory=_inventory(fleet, base, home, secret), callbacks=callbacks,
                               collections=base / "collections")
     finally:
@@ -148,17 +149,21 @@ def world():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def play(world, *args: str, limit: str = "hv"):
-    """ansible-playbook site.yml -l LIMIT ARGS: (process, {host: its task result})."""
-    results = Path(tempfile.mkdtemp(dir=world.base, prefix="results-"))
-    env = clean_env({
-        "ANSIBLE_COLLECTIONS_PATH": str(world.collections), "ANSIBLE_CALLBACK_PLUGINS": str(world.callbacks),
-        "ANSIBLE_CALLBACKS_ENABLED": "qemuca_results", "QEMUCA_TEST_RESULTS": str(results),
+def ansible_env(world, collections=None, **extra) -> dict:
+    return clean_env({
+        "ANSIBLE_COLLECTIONS_PATH": str(collections or world.collections),
+        "ANSIBLE_CALLBACK_PLUGINS": str(world.callbacks), "ANSIBLE_CALLBACKS_ENABLED": "qemuca_results",
         "ANSIBLE_HOME": str(world.base / "ansible-home"), "ANSIBLE_LOCAL_TEMP": str(world.base / "tmp"),
         "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORKS": "4", "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_CONFIG": str(world.base / "ansible.cfg")})  # not the machine's
-    env["QEMUCA_TEST_RESULTS"] = str(results)  # clean_env drops QEMUCA_* from the parent only
-    proc = subprocess.run([world.playbook_bin, "-i", str(world.inventory), str(world.base / "site.yml"),
+        "ANSIBLE_CONFIG": str(world.base / "ansible.cfg"), **extra})  # not the machine's ansible.cfg
+
+
+def play(world, *args: str, limit: str = "hv", playbook: str = "site.yml", inventory=None, collections=None):
+    """ansible-playbook PLAYBOOK -l LIMIT ARGS: (process, {host: its task result})."""
+    results = Path(tempfile.mkdtemp(dir=world.base, prefix="results-"))
+    env = ansible_env(world, collections)
+    env["QEMUCA_TEST_RESULTS"] = str(results)  # (clean_env drops QEMUCA_* settings)
+    proc = subprocess.run([world.playbook_bin, "-i", str(inventory or world.inventory), str(world.base / playbook),
                            "-l", limit, *args], capture_output=True, text=True, env=env, timeout=180)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     return proc, {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
@@ -297,3 +302,43 @@ def test_failures_are_one_line_task_failures_and_others_go_on(world, enrolled):
         assert counts[host.name]["failed"] == 1
     hosts = {r[1] for r in index_rows(world.home, ["certificates"])["certificates"]}
     assert host3.name not in hosts and host4.name not in hosts  # nothing recorded for them
+
+
+LOOKUP_PLAYBOOK = """\
+- name: The store, read on the controller
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Bundle, CRL and host facts
+      ansible.builtin.debug:
+        msg:
+          bundle: "{{ lookup('qemuca.qemu_tls.ca_bundle', qemuca_home=home) }}"
+          crl: "{{ lookup('qemuca.qemu_tls.ca_bundle', crl=true, qemuca_home=home) }}"
+          hosts: "{{ query('qemuca.qemu_tls.ca_bundle', 'host1.qemu.test', 'HOST2.qemu.test', qemuca_home=home) }}"
+          missing: "{{ query('qemuca.qemu_tls.ca_bundle', 'nohost.qemu.test', missing='empty', qemuca_home=home) }}"
+"""
+
+
+def test_the_source_tree_is_a_collection_with_docs_and_a_lookup(world, enrolled):
+    """ANSIBLE_COLLECTIONS_PATH at the repository's own files (no build): ansible-doc reads
+    the module's documentation; the lookup gives the store's bundle and certificates."""
+    tree = world.base / "source" / "ansible_collections" / "qemuca"
+    tree.mkdir(parents=True)
+    (tree / "qemu_tls").symlink_to(COLLECTION)
+    collections = world.base / "source"
+    docs = subprocess.run([world.doc_bin, "qemuca.qemu_tls.host_credentials"], capture_output=True, text=True,
+                          env=ansible_env(world, collections), timeout=60)
+    assert docs.returncode == 0 and "qemu_tls_cert_dir" in docs.stdout and "migrate_tls_force" in docs.stdout, docs
+    (world.base / "lookup.yml").write_text(LOOKUP_PLAYBOOK)
+    proc, results = play(world, "-e", f"home={world.home}", limit="localhost", playbook="lookup.yml",
+                         inventory="localhost,", collections=collections)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    msg = results["localhost"]["msg"]
+    assert msg["bundle"] == Path(world.home, "ca", "ca-cert.pem").read_text()
+    assert msg["crl"] == ""  # nothing revoked
+    rows = {r[1]: r for r in index_rows(world.home, ["certificates"])["certificates"]}
+    assert [h["host"] for h in msg["hosts"]] == ["host1.qemu.test", "host2.qemu.test"]
+    for h in msg["hosts"]:
+        assert h["fingerprint_sha256"] == rows[h["host"]][5] and h["cert_pem"].startswith("-----BEGIN CERTIFICATE")
+        assert h["key_source"] == "csr" and "key_pem" not in h
+    assert msg["missing"] == [{}]

@@ -18,9 +18,9 @@ try:
     from qemuca.errors import PassphraseError, QemucaError
     from qemuca.hosts import ssh as qemuca_ssh
     from qemuca.hosts.ssh_config import load_ssh_config
+    from qemuca.names import host_name
     from qemuca.ops.ansible_target import AnsibleConnection, ssh_target
     from qemuca.ops.converge import NewCertOptions, converge_host
-    from qemuca.names import host_name
     from qemuca.ops.deploy import DeployOptions, HostReport, run_on_host
     from qemuca.ops.fleet import failure
     from qemuca.pki import profile
@@ -31,8 +31,6 @@ try:
     QEMUCA_IMPORT_ERROR = None
 except ImportError as e:  # reported as the task's failure, not as a traceback
     QEMUCA_IMPORT_ERROR = e
-
-KEY_TYPES = ["rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384"]
 
 # Each option is also read from the host variable of the same name (group_vars,
 # host_vars) when the task does not give it; plugins/modules/host_credentials.py
@@ -53,7 +51,8 @@ ARGUMENT_SPEC = {
     "qemu_tls_manage_qemu_conf": {"type": "bool", "default": True},
     "qemu_tls_qemu_conf": {"type": "str", "default": "/etc/libvirt/qemu.conf"},
     "qemu_tls_replace_foreign": {"type": "bool", "default": False},
-    "qemu_tls_key_type": {"type": "str", "default": "ecdsa-p256", "choices": KEY_TYPES},
+    "qemu_tls_key_type": {"type": "str", "default": "ecdsa-p256",
+                          "choices": ["rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384"]},
     "qemu_tls_days": {"type": "int", "default": 730},
     "qemu_tls_sans": {"type": "list", "elements": "str", "default": []},
     "qemu_tls_renew_before_days": {"type": "int"},

@@ -82,9 +82,8 @@ PLAYBOOK = """\
   hosts: all
   gather_facts: false
   tasks:
-    - name: Credentials from the qemuca store
-      qemuca.qemu_tls.host_credentials:
-        qemu_tls_renew_before_days: 30
+    - name: Credentials from the qemuca store (options from the inventory's variables)
+      qemuca.qemu_tls.host_credentials: {}
 """
 
 
@@ -111,7 +110,7 @@ def _inventory(fleet, base: Path, home: str, passphrase_file: str) -> Path:
     lines += [f"{h.name} ansible_host=127.0.0.1 ansible_port={h.port}" for h in fleet.hosts[2:]]
     lines += ["", "[all:vars]", "ansible_user=root", f"ansible_ssh_private_key_file={fleet.identity}",
               f"ansible_ssh_common_args='-o UserKnownHostsFile={known} -o IdentitiesOnly=yes'",
-              f"qemuca_home={home}", f"qemuca_passphrase_file={passphrase_file}"]
+              f"qemuca_home={home}", f"qemuca_passphrase_file={passphrase_file}", "qemu_tls_renew_before_days=30"]
     path = base / "inventory.ini"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -245,6 +244,21 @@ def test_second_run_changes_nothing(world, enrolled):
     assert {h.name: host_state(h) for h in world.fleet.hosts[:2]} == states
 
 
+def test_renew_before_days_renews_for_the_key_on_the_host(world, enrolled):
+    host = world.fleet.hosts[0]
+    key = host.read(f"{CERT_DIR}/server-key.pem")
+    old = host.read(f"{CERT_DIR}/server-cert.pem")
+    proc, results = play(world, "-e", "qemu_tls_renew_before_days=3650", limit=host.name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = results[host.name]
+    assert (r["operation"], r["qemuca_result"], recap(proc)[host.name]["changed"]) == ("renew", "changed", 1)
+    assert host.read(f"{CERT_DIR}/server-key.pem") == key and host.read(f"{CERT_DIR}/server-cert.pem") != old
+    statuses = sorted(row[6] for row in index_rows(world.home, ["certificates"])["certificates"] if row[1] == host.name)
+    assert statuses == ["superseded", "valid"] and audit_actions(world.home).count("renew") == 1
+    again, _ = play(world, limit=host.name)  # the new certificate is in place: nothing to do
+    assert recap(again)[host.name]["changed"] == 0
+
+
 def test_check_diff_changes_nothing_and_shows_the_qemu_conf_diff(world, enrolled):
     fleet = world.fleet
     targets = [fleet.hosts[0], fleet.hosts[1], fleet.hosts[3]]  # host4: an enrollment to preview
@@ -336,7 +350,7 @@ def test_the_source_tree_is_a_collection_with_docs_and_a_lookup(world, enrolled)
     msg = results["localhost"]["msg"]
     assert msg["bundle"] == Path(world.home, "ca", "ca-cert.pem").read_text()
     assert msg["crl"] == ""  # nothing revoked
-    rows = {r[1]: r for r in index_rows(world.home, ["certificates"])["certificates"]}
+    rows = {r[1]: r for r in index_rows(world.home, ["certificates"])["certificates"] if r[6] == "valid"}
     assert [h["host"] for h in msg["hosts"]] == ["host1.qemu.test", "host2.qemu.test"]
     for h in msg["hosts"]:
         assert h["fingerprint_sha256"] == rows[h["host"]][5] and h["cert_pem"].startswith("-----BEGIN CERTIFICATE")

@@ -235,7 +235,8 @@ def test_first_run_enrolls_with_keys_made_on_the_hosts(world, enrolled):
 def test_second_run_changes_nothing(world, enrolled):
     before = index_rows(world.home, ["certificates"])
     states = {h.name: host_state(h) for h in world.fleet.hosts[:2]}
-    proc, results = play(world)
+    # the collection's own example playbook, as shipped
+    proc, results = play(world, "-e", "qemu_tls_hosts=hv", playbook=str(COLLECTION / "playbooks" / "example.yml"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {h: c["changed"] for h, c in recap(proc).items()} == {h: 0 for h in states}
     for name in states:
@@ -257,6 +258,22 @@ def test_renew_before_days_renews_for_the_key_on_the_host(world, enrolled):
     assert statuses == ["superseded", "valid"] and audit_actions(world.home).count("renew") == 1
     again, _ = play(world, limit=host.name)  # the new certificate is in place: nothing to do
     assert recap(again)[host.name]["changed"] == 0
+
+
+def test_hosts_reached_through_ssh_config_alone(world, enrolled):
+    """No ansible_host/port/user: ssh_config's HostName, Port, User, IdentityFile and
+    UserKnownHostsFile apply (as with `ssh NAME`); a become: play is told it is not used."""
+    host = world.fleet.hosts[1]
+    inventory = world.base / "by-ssh-config.ini"
+    inventory.write_text(f"{host.name}\n\n[all:vars]\nqemuca_home={world.home}\n"
+                         f"qemuca_ssh_config={world.fleet.ssh_config}\n")
+    become = PLAYBOOK.replace("gather_facts: false", "gather_facts: false\n  become: true")
+    (world.base / "become.yml").write_text(become)
+    proc, results = play(world, limit="all", inventory=inventory, playbook="become.yml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = results[host.name]
+    assert (r["operation"], r["qemuca_result"], r["changed"]) == ("deploy", "unchanged", False)
+    assert any("become is not used" in w for w in r.get("warnings", [])) or "become is not used" in proc.stdout
 
 
 def test_check_diff_changes_nothing_and_shows_the_qemu_conf_diff(world, enrolled):

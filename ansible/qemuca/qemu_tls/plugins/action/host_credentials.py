@@ -82,8 +82,8 @@ class ActionModule(ActionBase):
         except AnsibleError as e:
             return self._failed(result, str(e))
         name = str(args["qemu_tls_hostname"] or task_vars.get("inventory_hostname"))
-        warnings = result.setdefault("warnings", [])
-        if self._task.become:
+        warnings = []
+        if self._play_context.become or self._task.become:
             warnings.append("become is not used: qemuca logs in over SSH as ansible_user, which must be root")
         try:
             host = host_name(name)
@@ -91,6 +91,8 @@ class ActionModule(ActionBase):
         except (QemucaError, OSError, ValueError) as e:  # options, store: before any host is touched
             return self._failed(result, one_line(failure(name, e)[0]))
         warnings.extend(one_line(n) for n in notes)
+        if warnings:
+            result.setdefault("warnings", []).extend(warnings)
         result.update(self._result(report, operation))
         if report.result == "failed":
             # qemuca's line names its command-line option; here the option is the module's.
@@ -133,6 +135,8 @@ class ActionModule(ActionBase):
             get("ssh_common_args", ("ansible_ssh_common_args",), task_vars),
             get("ssh_extra_args", ("ansible_ssh_extra_args",), task_vars)) if v)
         host = get("host", ("ansible_host", "ansible_ssh_host"), task_vars)
+        if host == task_vars.get("inventory_hostname"):
+            host = None  # no ansible_host: ssh_config's HostName applies, as with `ssh NAME`
         port = get("port", ("ansible_port", "ansible_ssh_port"), task_vars)
         user = get("remote_user", ("ansible_user", "ansible_ssh_user"), task_vars)
         key = get("private_key_file", ("ansible_ssh_private_key_file", "ansible_private_key_file"), task_vars)
@@ -178,8 +182,10 @@ class ActionModule(ActionBase):
             config = load_ssh_config(target.options.ssh_config)
             outcome = {}
 
-            def connect(name):
-                return qemuca_ssh.connect(name, target.options, config, hostname=target.hostname,
+            alias = str(task_vars.get("inventory_hostname") or host)  # what Ansible connects to
+
+            def connect(_host):
+                return qemuca_ssh.connect(alias, target.options, config, hostname=target.hostname,
                                           port=target.port, user=target.user)
 
             def work(conn, fs):

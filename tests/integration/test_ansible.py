@@ -331,6 +331,7 @@ def test_failures_are_one_line_task_failures_and_others_go_on(world, enrolled):
         assert r["_status"] == "failed" and r["qemuca_result"] == "failed", r
         assert needle in r["msg"] and "\n" not in r["msg"] and "Traceback" not in r["msg"], r["msg"]
         assert counts[host.name]["failed"] == 1
+    assert "qemuca_accept_new_host_key: true" in results[host3.name]["msg"]  # the module's option, not the CLI's
     hosts = {r[1] for r in index_rows(world.home, ["certificates"])["certificates"]}
     assert host3.name not in hosts and host4.name not in hosts  # nothing recorded for them
 

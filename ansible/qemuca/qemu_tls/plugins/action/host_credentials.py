@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from ansible.errors import AnsibleError
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
@@ -59,6 +60,19 @@ ARGUMENT_SPEC = {
 }
 
 
+# qemuca's messages name its command-line options; in a task the option is the module's.
+CLI_OPTIONS = (("--accept-new-host-key", "qemuca_accept_new_host_key: true"), ("--home", "qemuca_home"),
+               ("--passphrase-file", "qemuca_passphrase_file"),
+               ("--no-qemu-conf", "qemu_tls_manage_qemu_conf: false"), ("--group", "qemu_tls_group"),
+               ("use --force to replace them", "use qemu_tls_replace_foreign: true to replace them"))
+
+
+def _for_ansible(text):
+    for cli, option in CLI_OPTIONS:
+        text = re.sub(re.escape(cli) + r"(?![\w-])", option, text)
+    return one_line(text)
+
+
 def _names(spec):
     for name, option in spec.items():
         yield name
@@ -89,15 +103,13 @@ class ActionModule(ActionBase):
             host = host_name(name)
             report, operation, notes = self._converge(host, args, task_vars)
         except (QemucaError, OSError, ValueError) as e:  # options, store: before any host is touched
-            return self._failed(result, one_line(failure(name, e)[0]))
+            return self._failed(result, _for_ansible(failure(name, e)[0]))
         warnings.extend(one_line(n) for n in notes)
         if warnings:
             result.setdefault("warnings", []).extend(warnings)
         result.update(self._result(report, operation))
         if report.result == "failed":
-            # qemuca's line names its command-line option; here the option is the module's.
-            message = (report.error or "failed").replace("--accept-new-host-key", "qemuca_accept_new_host_key: true")
-            return self._failed(result, one_line(message))
+            return self._failed(result, _for_ansible(report.error or "failed"))
         return result
 
     # -- options
@@ -211,6 +223,8 @@ class ActionModule(ActionBase):
         data["changed"] = report.result in ("changed", "would-change")
         data["qemu_conf_diff"] = printable_lines(report.qemu_conf_diff)
         data["actions"] = [one_line(a) for a in report.actions]
+        if report.qemu_group:
+            data["qemu_group"] = dict(report.qemu_group, source=_for_ansible(report.qemu_group["source"]))
         diff = []
         if report.qemu_conf_diff:
             diff.append({"prepared": data["qemu_conf_diff"]})

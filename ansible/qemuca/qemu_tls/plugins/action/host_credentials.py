@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -187,6 +188,11 @@ class ActionModule(ActionBase):
                                       "(or QEMUCA_PASSPHRASE_FILE) to the task")
             return read_passphrase(passphrase_file)
 
+        # paramiko logs a traceback from its own thread when a connection dies during the
+        # handshake; qemuca reports that host in one line (as the CLI's ssh options do).
+        paramiko_log = logging.getLogger("paramiko")
+        if not any(isinstance(h, logging.NullHandler) for h in paramiko_log.handlers):
+            paramiko_log.addHandler(logging.NullHandler())
         home = args["qemuca_home"] or os.environ.get("QEMUCA_HOME") or default_home()
         store = Store.open(home)
         try:

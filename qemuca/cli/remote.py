@@ -148,8 +148,13 @@ def connector(app, options):
     return connect
 
 
+# Hosts worked on at once unless --parallel says otherwise (bench/bench_scale.py's sweep
+# measured it; docs/scale.md).
+DEFAULT_PARALLEL = 10
+
+
 def parallel_option(func):
-    return click.option("--parallel", type=click.IntRange(1, 256), default=10, show_default=True,
+    return click.option("--parallel", type=click.IntRange(1, 256), default=DEFAULT_PARALLEL, show_default=True,
                         help="Hosts worked on at once.")(func)
 
 

@@ -11,6 +11,8 @@ there into its report's line.
 
 from __future__ import annotations
 
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
@@ -43,13 +45,16 @@ def run_fleet(hosts: Sequence[str], operation: Callable[[str], R], parallel: int
     def finished(future, host) -> None:
         results[host] = future.result()
         if on_done is not None:
-            on_done(host, results[host])
+            with interrupts.held():
+                on_done(host, results[host])
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qemuca-host")
     futures = {pool.submit(operation, host): host for host in hosts}
+    interrupts = _HeldInterrupt()
     try:
-        for future in as_completed(futures):
-            finished(future, futures[future])
+        with interrupts:
+            for future in as_completed(futures):
+                finished(future, futures[future])
     except KeyboardInterrupt:
         for future in futures:
             future.cancel()  # the hosts not started yet never start
@@ -61,6 +66,43 @@ def run_fleet(hosts: Sequence[str], operation: Callable[[str], R], parallel: int
     finally:
         pool.shutdown(wait=True)
     return [results[h] for h in hosts]
+
+
+class _HeldInterrupt:
+    """Ctrl-C as usual (KeyboardInterrupt), except while a result is handed on: then it
+    waits until that is done, so streamed output never ends mid-object. Only where
+    SIGINT has Python's default handler, in the main thread (probe installs its own)."""
+
+    def __init__(self):
+        self.holding = self.pending = False
+        self.installed = (threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+    def __enter__(self):
+        if self.installed:
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _handler(self, signum, frame):
+        if self.holding:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 @contextmanager

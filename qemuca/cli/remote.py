@@ -253,6 +253,12 @@ def counts_line(reports, order, noun="host", result=lambda r: r.result) -> str:
             + (", ".join(f"{counts[n]} {n}" for n in names) or "none"))
 
 
+def without_host(host: str, text: str) -> str:
+    """An error as a table cell beside its host: the 'HOST: ' it starts with is dropped
+    (the host column says it), so narrow terminals wrap less."""
+    return text[len(host) + 2:] if text.startswith(host + ": ") else text
+
+
 def render_reports(reports, output, title):
     """The final table, failures first, and the counts line (with --json: nothing more,
     each host was written as it finished); exit code 1 when any host failed."""
@@ -261,7 +267,7 @@ def render_reports(reports, output, title):
         print_table(title, REPORT_COLUMNS,
                     [(r.host, r.result, (r.fingerprint_sha256 or "")[:16],
                       "yes" if r.restart_needed else ("done: " + r.restarted if r.restarted else "no"),
-                      r.error or "") for r in shown])
+                      without_host(r.host, r.error or "")) for r in shown])
         for r in shown:
             if r.qemu_conf_diff and r.result == "would-change":
                 say(f"--- {r.host}: qemu.conf\n{r.qemu_conf_diff}")

@@ -15,6 +15,7 @@ from qemuca.cli.remote import (
     run_with_progress,
     select_hosts,
     ssh_options,
+    without_host,
     worst_first,
 )
 from qemuca.cli.tables import Column
@@ -152,7 +153,7 @@ def _finish(reports, output, strict):
                 _table(r.host, r)
         print_table("Verify", [Column("host", whole=True, essential=True), Column("result", essential=True),
                                Column("problems", essential=True)],
-                    [(r.host, _result(r), r.error or ", ".join(
+                    [(r.host, _result(r), without_host(r.host, r.error or "") or ", ".join(
                         f.check for f in r.findings if f.result in (FAIL, WARN))) for r in shown])
         say(counts_line(reports, COUNT_ORDER, result=_result))
     return _exit(reports, strict)

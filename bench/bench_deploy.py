@@ -30,10 +30,8 @@ Results: a table on stdout and JSON in bench/results/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from common import busy, environment, qemuca_env, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -252,10 +252,7 @@ def run(args) -> dict:
         dirs = {"qemuca": "/etc/pki/qemu", "script": "/etc/pki/qemu-script"}
         if ansible:
             dirs["ansible"] = "/etc/pki/qemu-ansible"
-        env = dict(os.environ)
-        for name in ("QEMUCA_HOME", "QEMUCA_PASSPHRASE_FILE"):
-            env.pop(name, None)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env = qemuca_env()
         times: Dict[int, Dict[str, List[float]]] = {n: {s: [] for s in dirs} for n in counts}
         for n in counts:
             hosts = [h.name for h in fleet.hosts[:n]]
@@ -360,18 +357,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     load0 = os.getloadavg()
     raw = run(args)
     summary = summarise(raw)
-    info = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "machine": platform.machine(),
-            "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+    info = environment(load0)
     print()
     print_table(summary, raw["ansible"])
-    if max(load0[0], info["loadavg_end"][0]) > (os.cpu_count() or 1):
+    if busy(info):
         print("WARNING: the machine was busy (load average above the CPU count): compare the ratios.")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out / f"deploy-{stamp}.json"
-    path.write_text(json.dumps({"benchmark": "deploy", "at": stamp, "environment": info,
-                                "summary": summary}, indent=2, default=str) + "\n")
+    path = write_results(args.out, "deploy", {"environment": info, "summary": summary})
     print(f"\nresults: {path}")
     missed = [k for k, v in summary["targets"].items() if v is False]
     return 1 if args.check and missed else 0

@@ -16,10 +16,11 @@ from qemuca.cli.options import (
     passphrase_source,
     qemu_conf_option,
 )
-from qemuca.cli.output import json_option
+from qemuca.cli.output import fleet_json_option
 from qemuca.cli.remote import (
     connector,
     host_selection,
+    json_output,
     parallel_option,
     render_reports,
     run_with_progress,
@@ -84,7 +85,7 @@ def host_layout_options(func):
                    "write nothing anywhere.")
 @parallel_option
 @passphrase_file_option
-@json_option
+@fleet_json_option
 @click.pass_obj
 def deploy_cmd(app, selection, ssh, opts, issue_missing, key_type, crl_only, bundle_only, dry_run,
                parallel, passphrase_file, as_json):
@@ -120,11 +121,10 @@ def deploy_cmd(app, selection, ssh, opts, issue_missing, key_type, crl_only, bun
         def work(host):
             return lambda conn, fs: deploy_from_store(conn, fs, authority, host, opts)
 
-    reports = run_with_progress(hosts, lambda h: run_on_host(h, connect, work(h)), parallel,
-                                "deploying", as_json)
-    if not dry_run:
-        store.record_deployments(reports)
-    return render_reports(reports, as_json, "Deploy" + (" (dry run: nothing written)" if dry_run else ""))
+    with json_output(as_json) as out:
+        reports = run_with_progress(hosts, lambda h: run_on_host(h, connect, work(h)), parallel, "deploying",
+                                    out, record=None if dry_run else store.record_deployments)
+        return render_reports(reports, out, "Deploy" + (" (dry run: nothing written)" if dry_run else ""))
 
 
 @click.command("enroll")
@@ -139,7 +139,7 @@ def deploy_cmd(app, selection, ssh, opts, issue_missing, key_type, crl_only, bun
               help="Enroll hosts that already have a valid certificate (it becomes superseded).")
 @parallel_option
 @passphrase_file_option
-@json_option
+@fleet_json_option
 @click.pass_obj
 def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, parallel,
                passphrase_file, as_json):
@@ -164,9 +164,9 @@ def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, p
         return run_on_host(host, connect, lambda conn, fs: enroll_host(
             conn, fs, authority, host, opts, key_type, sans, days, replace_valid))
 
-    reports = run_with_progress(hosts, operation, parallel, "enrolling", as_json)
-    store.record_deployments(reports)
-    return render_reports(reports, as_json, "Enroll")
+    with json_output(as_json) as out:
+        reports = run_with_progress(hosts, operation, parallel, "enrolling", out, record=store.record_deployments)
+        return render_reports(reports, out, "Enroll")
 
 
 @click.command("adopt")
@@ -176,7 +176,7 @@ def enroll_cmd(app, selection, ssh, opts, key_type, sans, days, replace_valid, p
 @click.option("--replace", "replace_valid", is_flag=True,
               help="Record the host's certificate even if the index holds another valid one for it.")
 @parallel_option
-@json_option
+@fleet_json_option
 @click.pass_obj
 def adopt_cmd(app, selection, ssh, opts, replace_valid, parallel, as_json):
     """Take over the sets already on hosts, made by another tool (brownfield).
@@ -200,9 +200,9 @@ def adopt_cmd(app, selection, ssh, opts, replace_valid, parallel, as_json):
         return run_on_host(host, connect, lambda conn, fs: adopt_host(conn, fs, authority, host, opts,
                                                                         replace_valid))
 
-    reports = run_with_progress(hosts, operation, parallel, "adopting", as_json)
-    store.record_deployments(reports)
-    return render_reports(reports, as_json, "Adopt")
+    with json_output(as_json) as out:
+        reports = run_with_progress(hosts, operation, parallel, "adopting", out, record=store.record_deployments)
+        return render_reports(reports, out, "Adopt")
 
 
 @click.command("rollback")
@@ -210,7 +210,7 @@ def adopt_cmd(app, selection, ssh, opts, replace_valid, parallel, as_json):
 @ssh_options
 @cert_dir_option()
 @parallel_option
-@json_option
+@fleet_json_option
 @click.pass_obj
 def rollback_cmd(app, selection, ssh, cert_dir, parallel, as_json):
     """Switch each host back to the credential set it had before the last deploy.
@@ -225,7 +225,7 @@ def rollback_cmd(app, selection, ssh, cert_dir, parallel, as_json):
     def work(conn, fs):
         return rollback_host(conn, fs, cert_dir)
 
-    reports = run_with_progress(hosts, lambda h: run_on_host(h, connect, work), parallel,
-                                "rolling back", as_json)
-    app.store().record_deployments(reports)  # what each host runs now
-    return render_reports(reports, as_json, "Rollback")
+    with json_output(as_json) as out:  # recorded: what each host runs now
+        reports = run_with_progress(hosts, lambda h: run_on_host(h, connect, work), parallel, "rolling back",
+                                    out, record=app.store().record_deployments)
+        return render_reports(reports, out, "Rollback")

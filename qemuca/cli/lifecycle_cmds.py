@@ -14,10 +14,11 @@ from qemuca.cli.options import (
     passphrase_source,
     typed_options,
 )
-from qemuca.cli.output import emit_json, json_option, note, print_table
+from qemuca.cli.output import emit_json, fleet_json_option, json_option, note, print_table
 from qemuca.cli.remote import (
     connector,
     host_selection,
+    json_output,
     parallel_option,
     render_reports,
     run_with_progress,
@@ -46,7 +47,7 @@ def _lifecycle_command(name, verb, doc):
     @key_type_option("rekey only: type of the new keys [default: the old key's type].", default=None)
     @parallel_option
     @passphrase_file_option
-    @json_option
+    @fleet_json_option
     @click.pass_obj
     def command(app, selection, expiring_within, ssh, opts, days, key_type, parallel, passphrase_file,
                 as_json):
@@ -58,7 +59,9 @@ def _lifecycle_command(name, verb, doc):
         if expiring_within is not None:
             hosts += [h for h in lifecycle.hosts_expiring(store, expiring_within) if h not in hosts]
         if not hosts:
-            emit_json([]) if as_json else note(f"No host expires within {expiring_within} days.")
+            with json_output(as_json) as out:
+                if out is None:
+                    note(f"No host expires within {expiring_within} days.")
             return 0
         authority = ca.CertificateAuthority(store, passphrase_source(passphrase_file))
         authority.unlock()  # once, before the workers start
@@ -71,9 +74,9 @@ def _lifecycle_command(name, verb, doc):
                 work = lambda conn, fs: lifecycle.rekey_host(conn, fs, authority, host, opts, days, key_type)  # noqa: E731
             return run_on_host(host, connect, work)
 
-        reports = run_with_progress(hosts, operation, parallel, verb, as_json)
-        store.record_deployments(reports)
-        return render_reports(reports, as_json, name.capitalize())
+        with json_output(as_json) as out:
+            reports = run_with_progress(hosts, operation, parallel, verb, out, record=store.record_deployments)
+            return render_reports(reports, out, name.capitalize())
 
     return command
 
@@ -203,7 +206,7 @@ def rollover_start_cmd(app, common_name, organization, key_type, days, from_cert
 @group_option("Group owning the files (as deploy).")
 @parallel_option
 @passphrase_file_option
-@json_option
+@fleet_json_option
 @click.pass_obj
 def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as_json):
     """Drop the old CA: push the bundle [new CA] to every host, then retire the old CA.
@@ -228,11 +231,12 @@ def rollover_finish_cmd(app, ssh, cert_dir, group, parallel, passphrase_file, as
     opts = DeployOptions(cert_dir=cert_dir, group=group, qemu_conf=False)
     hosts = [r.host for r in store.valid()]
     connect = connector(app, ssh)
-    reports = run_with_progress(
-        hosts, lambda h: run_on_host(h, connect, lambda conn, fs: refresh_host(
-            conn, fs, authority, h, opts, True, True)), parallel, "finishing", as_json)
-    store.record_deployments(reports)
-    code = render_reports(reports, as_json, "Rollover finish")
+    with json_output(as_json) as out:
+        reports = run_with_progress(
+            hosts, lambda h: run_on_host(h, connect, lambda conn, fs: refresh_host(
+                conn, fs, authority, h, opts, True, True)), parallel, "finishing", out,
+            record=store.record_deployments)
+        code = render_reports(reports, out, "Rollover finish")
     if code == 0:
         retired = lifecycle.rollover_complete(store)
         if not as_json:

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Callable, Optional
 
 import click
 
 from qemuca.text import printable, printable_lines
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def fleet_json_option(func):
+    """--json and --json-lines of the commands that work on many hosts: `as_json` is
+    "array", "lines" or None (so `if as_json` reads as before)."""
+    func = click.option("--json-lines", "as_json", flag_value="lines",
+                        help="Print one JSON object per line for scripts, as each host finishes.")(func)
+    return click.option("--json", "as_json", flag_value="array",
+                        help="Print JSON for scripts: an array, one object per host in the order "
+                             "given, each written as soon as its host (and those before it) finished.")(func)
 wide_option = click.option("--wide", "-w", is_flag=True,
                            help="Show every column (serials, fingerprints...), however wide; "
                                 "a wide terminal shows them anyway.")
@@ -21,6 +32,67 @@ wide_option = click.option("--wide", "-w", is_flag=True,
 
 def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def emit_one(data, as_json) -> None:
+    """One object (a pair's report): indented, or with --json-lines on one line."""
+    if as_json == "lines":
+        click.echo(json.dumps(data, default=str, separators=(",", ":")))
+    else:
+        emit_json(data)
+
+
+def _indented(data, depth: int) -> str:
+    text = json.dumps(data, indent=2, default=str)
+    return "\n".join(" " * depth + line for line in text.splitlines())
+
+
+class JsonStream:
+    """A fleet command's --json written as its hosts finish, flushed after each object,
+    so a script can read results while the run goes on and no output text piles up.
+
+    "array": the text emit_json() prints for the whole list ('[', the objects separated
+    by ',', ']'); with `key`, an object whose `key` member is that array, the members of
+    close()'s `extra` after it. "lines": one compact object per line, nothing else.
+    close() ends the text (also after an error or Ctrl-C: what was written stays valid
+    JSON, holding the hosts that finished); `summary()`, when given, supplies `extra`.
+    """
+
+    def __init__(self, mode: str, key: str = "", out=None, summary: Optional[Callable[[], dict]] = None):
+        self.mode, self.key, self.summary = mode, key, summary
+        self.out = out or sys.stdout
+        self.count = 0
+        self.closed = False
+
+    def write(self, data) -> None:
+        if self.mode == "lines":
+            text = json.dumps(data, default=str, separators=(",", ":")) + "\n"
+        else:
+            depth = 4 if self.key else 2
+            opening = ("{\n  " + json.dumps(self.key) + ": [\n" if self.key else "[\n") if not self.count else ",\n"
+            text = opening + _indented(data, depth)
+        self.count += 1
+        self.out.write(text)
+        self.out.flush()
+
+    def close(self, extra=None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.mode == "lines":
+            return
+        if extra is None and self.summary is not None:
+            extra = self.summary()
+        if self.key:
+            head = "{\n  " + json.dumps(self.key) + ": [" if not self.count else "\n  ]"
+            if not self.count:
+                head += "]"
+            members = _indented(extra or {}, 0).splitlines()[1:-1]  # the members, indented 2
+            text = head + "".join(",\n" + line if i == 0 else "\n" + line for i, line in enumerate(members)) + "\n}\n"
+        else:
+            text = "\n]\n" if self.count else "[]\n"
+        self.out.write(text)
+        self.out.flush()
 
 
 def note(message: str) -> None:

@@ -12,8 +12,19 @@ from rich.table import Table
 from rich.text import Text
 
 from qemuca.cli.options import cert_dir_option, qemu_conf_option
-from qemuca.cli.output import RESULT_STYLE, console, emit_json, json_option, note, print_checks
-from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
+from qemuca.cli.output import RESULT_STYLE, console, emit_one, fleet_json_option, note, print_checks, print_table, say
+from qemuca.cli.remote import (
+    connector,
+    counts_line,
+    host_selection,
+    json_output,
+    parallel_option,
+    run_with_progress,
+    select_hosts,
+    ssh_options,
+    worst_first,
+)
+from qemuca.cli.tables import Column
 from qemuca.errors import InvalidInput, NotFound
 from qemuca.findings import FAIL
 from qemuca.names import host_name
@@ -51,7 +62,7 @@ from qemuca.text import printable
 @qemu_conf_option("libvirt's QEMU driver configuration on the destination (reported, not changed).")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1), as with verify and doctor.")
 @parallel_option
-@json_option
+@fleet_json_option
 @click.pass_obj
 def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address, port, ram_mib,
               compare_plain, use_libvirt, cert_dir, qemu_conf_path, strict, parallel, as_json):
@@ -129,15 +140,23 @@ def probe_cmd(app, selection, ssh, matrix, pairs_file, tls_destination, address,
     else:
         def one(p):
             return probe.probe_pair(p[0], p[1], connect, opts, revocations, cancel)
-    with _cancel_on_signals(cancel):
-        reports = run_with_progress(pairs, one, parallel, "probing", as_json or not many)
-    if cancel.is_set():
-        raise probe.Interrupted("interrupted: the probes stopped and removed what they had started")
-    if many:
-        _render_matrix(reports, as_json)
-    elif as_json:
-        emit_json(reports[0].as_dict())
-    else:
+    hosts = list(dict.fromkeys(h for p in pairs for h in p))
+    with _cancel_on_signals(cancel), json_output(as_json if many else None, "pairs",
+                                                 lambda: _summary(hosts, finished)) as out:
+        finished = []  # as they finish: the streamed --json's summary counts them
+
+        def to_json(report):
+            finished.append(report)
+            return report.as_dict()
+
+        reports = run_with_progress(pairs, one, parallel, "probing", out, to_json=to_json, progress=bool(many))
+        if cancel.is_set():
+            raise probe.Interrupted("interrupted: the probes stopped and removed what they had started")
+        if many and out is None:
+            _render_matrix(hosts, reports)
+    if not many and as_json:
+        emit_one(reports[0].as_dict(), as_json)
+    elif not many:
         _render_one(reports[0])
     return 1 if any(r.failed(strict) for r in reports) else 0
 
@@ -197,39 +216,52 @@ def _cell(report) -> str:
     return "FAIL: " + ", ".join(report.labels())
 
 
-def _render_matrix(reports, as_json: bool) -> None:
-    hosts = list(dict.fromkeys(h for r in reports for h in r.pair))
+def _summary(hosts, reports) -> dict:
+    """--matrix/--pairs --json beside "pairs": the hosts (input order) and the counts."""
     passed = sum(r.passed for r in reports)
-    if as_json:
-        emit_json({"hosts": hosts, "passed": passed, "failed": len(reports) - passed,
-                   "pairs": [r.as_dict() for r in reports]})
-        return
+    return {"hosts": hosts, "passed": passed, "failed": len(reports) - passed}
 
 
-    cells = {r.pair: r for r in reports}
-    table = Table(title=f"Probe matrix: {passed}/{len(reports)} pairs passed (rows: source, "
-                        "columns: destination)", title_justify="left")
-    table.add_column("source \\ destination")
-    for h in hosts:
-        table.add_column(h, overflow="fold")
-    for src in hosts:
-        row = [Text(src)]
-        for dst in hosts:
-            r = cells.get((src, dst))
-            row.append(Text("-" if src == dst or r is None else _cell(r),
-                            style="" if r is None else RESULT_STYLE[r.result]))
-        table.add_row(*row)
+PAIR_ORDER = ("failed", "passed")
+
+
+def _passed(report) -> str:
+    return "passed" if report.passed else "failed"
+
+
+def _render_matrix(hosts, reports) -> None:
+    """The matrix when it fits the terminal with every host name whole, else one line per
+    pair (failures first); then the failed checks with their fixes, and the counts."""
     out = console()
-    out.print(table)
+    cells = {r.pair: r for r in reports}
+    passed = sum(r.passed for r in reports)
+    title = f"Probe matrix: {passed}/{len(reports)} pairs passed"
+    corner = "source \\ destination"
+    width = max(len(h) for h in hosts + [corner]) + 3 + sum(
+        3 + max([len(dst)] + [len(_cell(cells[(src, dst)])) for src in hosts if (src, dst) in cells])
+        for dst in hosts)
+    if width < out.width:  # rich's outer edge takes one more
+        table = Table(title=title + " (rows: source, columns: destination)", title_justify="left")
+        table.add_column(corner, no_wrap=True)
+        for h in hosts:
+            table.add_column(h, no_wrap=True)
+        for src in hosts:
+            row = [Text(src)]
+            for dst in hosts:
+                r = cells.get((src, dst))
+                row.append(Text("-" if src == dst or r is None else _cell(r),
+                                style="" if r is None else RESULT_STYLE[r.result]))
+            table.add_row(*row)
+        out.print(table)
+    else:
+        print_table(title, [Column("source", whole=True, essential=True),
+                            Column("destination", whole=True, essential=True), Column("result", essential=True)],
+                    [(r.source, r.destination, _cell(r)) for r in worst_first(reports, PAIR_ORDER, _passed)])
     failed = [r for r in reports if not r.passed]
     if failed:
-        detail = Table(title="Failed pairs", title_justify="left")
-        for col in ("pair", "check", "detail"):
-            detail.add_column(col, overflow="fold")
-        for r in failed:
-            for f in (f for f in r.findings if f.result is FAIL):
-                text = Text(printable(f.detail))
-                if f.fix:
-                    text.append(f"\nfix: {printable(f.fix)}", style="italic")
-                detail.add_row(f"{r.source} -> {r.destination}", f.check, text)
-        out.print(detail)
+        print_table("Failed pairs", [Column("pair", whole=True, essential=True), Column("check", essential=True),
+                                     Column("detail", essential=True)],
+                    [(f"{r.source} -> {r.destination}", f.check,
+                      printable(f.detail) + (f" (fix: {printable(f.fix)})" if f.fix else ""))
+                     for r in failed for f in r.findings if f.result is FAIL])
+    say(counts_line(reports, ("passed", "failed"), noun="pair", result=_passed))

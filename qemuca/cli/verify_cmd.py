@@ -5,9 +5,22 @@ from __future__ import annotations
 import click
 
 from qemuca.cli.options import cert_dir_option, group_option, qemu_conf_option
-from qemuca.cli.output import emit_json, json_option, note, print_checks
-from qemuca.cli.remote import connector, host_selection, parallel_option, run_with_progress, select_hosts, ssh_options
+from qemuca.cli.output import emit_one, fleet_json_option, note, print_checks, print_table, say
+from qemuca.cli.remote import (
+    connector,
+    counts_line,
+    host_selection,
+    json_output,
+    parallel_option,
+    run_with_progress,
+    select_hosts,
+    ssh_options,
+    without_host,
+    worst_first,
+)
+from qemuca.cli.tables import Column
 from qemuca.errors import NotFound
+from qemuca.findings import FAIL, WARN
 from qemuca.hosts.fs import LocalFS
 from qemuca.hosts.runner import LocalRunner
 from qemuca.names import host_name
@@ -44,7 +57,7 @@ from qemuca.text import one_line
               show_default=True, help="Warn when a certificate has fewer days left.")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
 @parallel_option
-@json_option
+@fleet_json_option
 @click.pass_obj
 def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, address, port, cert_dir,
                qemu_conf_path, group, hostname, warn_days, strict, parallel, as_json):
@@ -80,7 +93,10 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
     if local:
 
         report = verify.verify_host(None, LocalFS(), LocalRunner(), opts)
-        return _finish([report], as_json, strict)
+        with json_output(as_json) as out:
+            if out is not None:
+                out.write(report.as_dict())
+            return _finish([report], out, strict)
 
     reference = _reference(app)
     connect = connector(app, ssh)
@@ -91,16 +107,17 @@ def verify_cmd(app, selection, ssh, local, pair, tls_destination, handshake, add
                                    warn_days=warn_days, handshake=handshake, address=address, port=port)
         report = verify.verify_pair_remote(src, dst, connect, popts, reference)
         if as_json:
-            emit_json(report.as_dict())
+            emit_one(report.as_dict(), as_json)
         else:
             _table(f"{report.source} -> {report.destination}"
                    + (f" (name {report.tls_destination})" if report.tls_destination else ""), report)
         return _exit([report], strict)
 
     hosts = select_hosts(app, selection)
-    reports = run_with_progress(hosts, lambda h: verify.verify_remote(h, connect, opts, reference),
-                                parallel, "verifying", as_json)
-    return _finish(reports, as_json, strict)
+    with json_output(as_json) as out:
+        reports = run_with_progress(hosts, lambda h: verify.verify_remote(h, connect, opts, reference),
+                                    parallel, "verifying", out)
+        return _finish(reports, out, strict)
 
 
 def _reference(app):
@@ -115,12 +132,30 @@ def _reference(app):
 
 
 
-def _finish(reports, as_json, strict):
-    if as_json:
-        emit_json([r.as_dict() for r in reports])
-    else:
-        for r in reports:
-            _table(r.host, r)
+# Hosts that need a look first; the counts line in the order of a healthy fleet.
+RESULT_ORDER = ("fail", "warn", "skip", "pass")
+COUNT_ORDER = ("pass", "skip", "warn", "fail")
+
+
+def _result(report) -> str:
+    return report.result.value
+
+
+def _finish(reports, output, strict):
+    """Without --json: one host's table; for several, the tables of the hosts that did
+    not pass (failures first), then one line per host and the counts."""
+    if output is None and len(reports) == 1:
+        _table(reports[0].host, reports[0])
+    elif output is None:
+        shown = worst_first(reports, RESULT_ORDER, _result)
+        for r in shown:
+            if _result(r) in ("fail", "warn"):
+                _table(r.host, r)
+        print_table("Verify", [Column("host", whole=True, essential=True), Column("result", essential=True),
+                               Column("problems", essential=True)],
+                    [(r.host, _result(r), without_host(r.host, r.error or "") or ", ".join(
+                        f.check for f in r.findings if f.result in (FAIL, WARN))) for r in shown])
+        say(counts_line(reports, COUNT_ORDER, result=_result))
     return _exit(reports, strict)
 
 

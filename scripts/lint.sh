@@ -4,6 +4,6 @@
 # Needs the test venv (./scripts/setup-venv.sh test, which ./scripts/test.sh runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/ruff check qemuca tests bench scripts
+.venv/bin/ruff check qemuca tests bench scripts ansible
 .venv/bin/mypy
 echo "lint: ruff and mypy clean"

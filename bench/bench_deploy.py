@@ -16,7 +16,7 @@ child process timed from outside, interleaved so that load on the machine hits a
 
 Each tool writes its own cert dir and its own copy of qemu.conf on the same hosts, and
 every measured run has new certificates to place (issued, untimed, before each round).
-Results are ratios measured in the same run. Targets: qemuca within 2x of the script;
+Results are ratios measured in the same run. Targets: qemuca within 1.5x of the script;
 ansible at least 15x slower than qemuca at 20 hosts; qemuca at 20 hosts within 3x of
 qemuca at 1 host. Needs root (the fake hosts use namespaces) and sshd.
 
@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 COUNTS = (1, 5, 20)
 FORKS = 20
-TARGET_SCRIPT = 2.0  # qemuca / script at most
+TARGET_SCRIPT = 1.5  # qemuca / script at most (issue 16; 2.0 in issue 7)
 TARGET_ANSIBLE = 15.0  # ansible / qemuca at least, at 20 hosts
 TARGET_SCALE = 3.0  # qemuca(20) / qemuca(1) at most
 FILES = {"ca-cert.pem": 0o644, "server-cert.pem": 0o644, "server-key.pem": 0o640,
@@ -303,7 +303,7 @@ def summarise(raw: dict) -> dict:
             row["ansible_over_qemuca"] = m["ansible"] / m["qemuca"]
         rows.append(row)
     targets = {"qemuca_over_script_max": max(r["qemuca_over_script"] for r in rows)}
-    targets["qemuca_within_2x_of_script"] = targets["qemuca_over_script_max"] <= TARGET_SCRIPT
+    targets["qemuca_within_target_of_script"] = targets["qemuca_over_script_max"] <= TARGET_SCRIPT
     top, low = max(counts), min(counts)
     targets["scale"] = med[top]["qemuca"] / med[low]["qemuca"]
     targets["scale_within_3x"] = targets["scale"] <= TARGET_SCALE
@@ -329,7 +329,7 @@ def print_table(summary: dict, ansible: bool) -> None:
         return "MET" if ok else "MISSED"
 
     print(f"qemuca within {TARGET_SCRIPT:g}x of the script: worst {t['qemuca_over_script_max']:.2f}x "
-          f"{met(t['qemuca_within_2x_of_script'])}")
+          f"{met(t['qemuca_within_target_of_script'])}")
     print(f"qemuca at the most hosts within {TARGET_SCALE:g}x of one host: {t['scale']:.2f}x "
           f"{met(t['scale_within_3x'])}")
     if ansible:

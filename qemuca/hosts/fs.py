@@ -149,7 +149,14 @@ class FS:
             self.write_atomic(path, data, mode, uid, gid)
 
     def stat_many(self, paths: List[str], follow: bool = True) -> List[Optional[FileStat]]:
-        return [self.stat(p, follow) for p in paths]
+        """None where missing, or where a file stands in the path (as sftp-server answers)."""
+        out: List[Optional[FileStat]] = []
+        for path in paths:
+            try:
+                out.append(self.stat(path, follow))
+            except NotADirectoryError:
+                out.append(None)
+        return out
 
     def links(self, paths: List[str]) -> List[Optional[str]]:
         """Per path: None (missing), NOT_A_LINK, or the symbolic link's target."""
@@ -266,7 +273,7 @@ class LocalFS(FS):
     def stat(self, path, follow=True):
         try:
             st = os.stat(path) if follow else os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):  # as sftp-server says: no such file
+        except FileNotFoundError:
             return None
         return FileStat(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime)
 

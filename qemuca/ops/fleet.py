@@ -124,6 +124,8 @@ def failure(host: str, error: BaseException) -> Tuple[str, Optional[int]]:
     (e.g. paramiko.SFTPError) by its type, so one host's surprise never stops a fleet."""
     if isinstance(error, QemucaError):
         return str(error), error.exit_code
+    if isinstance(error, EOFError):  # a read that met the end of the SSH stream
+        return f"{host}: connection closed by the remote side", None
     if isinstance(error, OSError):
         where = f" ({error.filename})" if error.filename else ""
         return f"{host}: {error.strerror or error}{where}", None

@@ -450,8 +450,10 @@ def test_keys_are_born_private_on_the_hosts(tmp_path, fleet_factory):
         for e in events:  # the final mode never gives others anything, and never 'x'
             if e.ok and e.call in ("chmod", "fchmod", "fchmodat") and e.path and key_path(e.path):
                 assert e.mode in (0o600, 0o640), (host.name, e.path, oct(e.mode))
-    # deploy: sftp-server opens the temp key 0600, then fchown/fchmod 0640, then writes it.
-    sftp = [e for e in traces[0] if e.path and ".server-key.pem.qemuca-tmp-" in e.path and e.ok]
+    # deploy: sftp-server creates the key in the new set's dir 0600 (O_EXCL; no reader uses
+    # that dir yet), then fchmod 0640/fchown, then writes it.
+    sftp = [e for e in traces[0] if e.path and "/.qemuca/sets/" in e.path and e.ok
+            and e.path.endswith("/server-key.pem")]
     calls = [e.call for e in sftp]
     assert calls[0] == "openat" and sftp[0].mode == 0o600, calls
     assert calls.index("fchmod") < calls.index("write"), calls

@@ -74,16 +74,18 @@ class CertDir:
         self.sets = posixpath.join(self.state, SETS)
         self.sets_exist = False  # known once prepare() looked
 
+    def _pointed(self, *pointers: str) -> List[Optional[str]]:
+        """The set ids the pointers name (None: no such pointer), read in one batch."""
+        found = self.fs.links([posixpath.join(self.state, p) for p in pointers])
+        return [posixpath.basename(t.rstrip("/")) if t else None for t in found]
+
     def pointers(self) -> Tuple[Optional[str], Optional[str]]:
-        """(current, previous): the set ids the two pointers name (None: no pointer)."""
-        found = self.fs.links([posixpath.join(self.state, CURRENT), posixpath.join(self.state, PREVIOUS)])
-        return tuple(posixpath.basename(t.rstrip("/")) if t else None for t in found)  # type: ignore[return-value]
+        """(current, previous)."""
+        current, previous = self._pointed(CURRENT, PREVIOUS)
+        return current, previous
 
     def current_id(self) -> Optional[str]:
-        return self.pointers()[0]
-
-    def previous_id(self) -> Optional[str]:
-        return self.pointers()[1]
+        return self._pointed(CURRENT)[0]
 
     def scan(self) -> Dict[str, Optional[str]]:
         """The layout names present in the dir: name -> link target (None: not a link)."""
@@ -455,7 +457,7 @@ def rollback(fs: FS, cert_dir: str) -> InstallResult:
     the set this rollback was for.
     """
     target = CertDir(fs, cert_dir)
-    current, previous = target.current_id(), target.previous_id()
+    current, previous = target.pointers()
     if previous is None or fs.stat(posixpath.join(target.sets, previous)) is None:
         raise NotFound(f"{cert_dir} has no previous credential set to roll back to")
     _switch(target, previous)

@@ -20,7 +20,7 @@ import posixpath
 import socket
 import stat as stat_mod
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import paramiko
 from paramiko.message import Message
@@ -116,6 +116,31 @@ def _attrs(uid: Optional[int], gid: Optional[int], mode: Optional[int]) -> SFTPA
     return attrs
 
 
+def _named(e: OSError, path: str) -> OSError:
+    """The failure of one request of a batch, named by the file it was about."""
+    return OSError(e.errno, e.strerror or str(e), path)
+
+
+def _open_all(sftp: paramiko.SFTPClient, paths: Sequence[str], flags: int = SFTP_FLAG_READ,
+              modes: Optional[Sequence[int]] = None) -> List[Union[bytes, OSError]]:
+    """Open every path in one round trip: per path its handle, or why it was refused."""
+    opens = [(CMD_OPEN, (p, flags, _attrs(None, None, None if modes is None else modes[i])))
+             for i, p in enumerate(paths)]
+    out: List[Union[bytes, OSError]] = []
+    for reply in _pipeline(sftp, opens):
+        try:
+            out.append(_check(sftp, reply, CMD_HANDLE).get_binary())
+        except OSError as e:
+            out.append(e)
+    return out
+
+
+def _close_all(sftp: paramiko.SFTPClient, handles: Iterable[bytes]) -> None:
+    requests = [(CMD_CLOSE, (h,)) for h in handles]
+    if requests:
+        _pipeline(sftp, requests)
+
+
 READ_CHUNK = 64 << 10  # what one READ asks for (OpenSSH serves up to 255 KiB)
 WRITE_CHUNK = 32 << 10  # paramiko's own request size for writes
 
@@ -168,7 +193,7 @@ class RemoteFS(FS):
             if code:
                 raise OSError(code, _strerror(code) if not e.errno else e.strerror or os.strerror(code),
                               where) from None
-            raise OSError(f"{where}: {what} failed: {e}") from None
+            raise OSError(f"{where}: {what} failed: {e.strerror or e}") from None
 
     def _diagnose(self, path: str, need: int) -> Optional[int]:
         """ENOSPC or EROFS when the host's statvfs shows why a write failed, else None."""
@@ -208,19 +233,8 @@ class RemoteFS(FS):
         if not paths:
             return out
         sftp = self.sftp
-        handles: Dict[int, bytes] = {}
         with self._op("read", paths[0]):
-            for i, reply in enumerate(_pipeline(sftp, [(CMD_OPEN, (p, SFTP_FLAG_READ, SFTPAttributes()))
-                                                       for p in paths])):
-                try:
-                    handles[i] = _check(sftp, reply, CMD_HANDLE).get_binary()
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    if handles:
-                        _pipeline(sftp, [(CMD_CLOSE, (h,)) for h in handles.values()])
-                    raise OSError(e.errno, e.strerror, paths[i]) if e.errno else OSError(
-                        f"{paths[i]}: {e}") from None
+            handles = self._opened_for_reading(sftp, paths)
             try:
                 chunks: Dict[int, bytearray] = {i: bytearray() for i in handles}
                 replies = _pipeline(sftp, [(CMD_READ, (h, int64(0), READ_CHUNK)) for h in handles.values()])
@@ -245,8 +259,7 @@ class RemoteFS(FS):
                 for i in more:
                     chunks[i] = bytearray(self._read_on(paths[i], len(chunks[i]), limit, chunks[i]))
             finally:
-                if handles:
-                    _pipeline(sftp, [(CMD_CLOSE, (h,)) for h in handles.values()])
+                _close_all(sftp, handles.values())
         for i, chunk in chunks.items():
             if len(chunk) > limit:
                 raise too_large(f"{self.conn.name}:{paths[i]}", limit)
@@ -257,26 +270,33 @@ class RemoteFS(FS):
         sftp = self.sftp
         out: List[Optional[bytes]] = [None] * len(paths)
         with self._op("read", paths[0]):
-            opened = []
-            for i, reply in enumerate(_pipeline(sftp, [(CMD_OPEN, (p, SFTP_FLAG_READ, SFTPAttributes()))
-                                                       for p in paths])):
-                try:
-                    opened.append((i, _check(sftp, reply, CMD_HANDLE).get_binary()))
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    _pipeline(sftp, [(CMD_CLOSE, (h,)) for _, h in opened])
-                    raise OSError(e.errno, e.strerror or str(e), paths[i]) from None
+            opened = self._opened_for_reading(sftp, paths)
             body: List[Tuple[int, tuple]] = []
-            for i, h in opened:
+            for i, h in opened.items():
                 body += [(CMD_READ, (h, int64(0), sizes[i] + 1)), (CMD_CLOSE, (h,))]
             replies = _pipeline(sftp, body)
-            for n, (i, _) in enumerate(opened):
+            for n, i in enumerate(opened):
                 try:
                     out[i] = _check(sftp, replies[2 * n], CMD_DATA).get_string()
                 except EOFError:
                     out[i] = b""
         return out
+
+    @staticmethod
+    def _opened_for_reading(sftp: paramiko.SFTPClient, paths: List[str]) -> Dict[int, bytes]:
+        """Handles by index of the files there; a refusal other than 'missing' closes the
+        rest and is raised."""
+        handles: Dict[int, bytes] = {}
+        failure: Optional[OSError] = None
+        for i, got in enumerate(_open_all(sftp, paths)):
+            if isinstance(got, bytes):
+                handles[i] = got
+            elif not isinstance(got, FileNotFoundError) and failure is None:
+                failure = _named(got, paths[i])
+        if failure is not None:
+            _close_all(sftp, handles.values())
+            raise failure
+        return handles
 
     def _read_on(self, path: str, offset: int, limit: int, head: bytearray) -> bytes:
         """The rest of a file read_many could not finish in its two reads, reopened."""
@@ -305,17 +325,13 @@ class RemoteFS(FS):
         created: List[str] = []  # removed again if anything fails
         try:
             with self._op("write", targets[0], sum(len(f[1]) for f in files)):
-                opens = [(CMD_OPEN, (w, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL,
-                                     _attrs(None, None, f[2] & 0o600))) for w, f in zip(written, files)]
-                handles, errors = [], []
-                for w, t, reply in zip(written, targets, _pipeline(sftp, opens)):
-                    try:
-                        handles.append(_check(sftp, reply, CMD_HANDLE).get_binary())
-                        created.append(w)
-                    except OSError as e:
-                        errors.append(OSError(e.errno, e.strerror or str(e), t))
+                opened = _open_all(sftp, written, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL,
+                                   [f[2] & 0o600 for f in files])
+                handles = [h for h in opened if isinstance(h, bytes)]
+                created = [w for w, h in zip(written, opened) if isinstance(h, bytes)]
+                errors = [_named(h, t) for t, h in zip(targets, opened) if isinstance(h, OSError)]
                 if errors:
-                    _pipeline(sftp, [(CMD_CLOSE, (h,)) for h in handles])
+                    _close_all(sftp, handles)
                     raise errors[0]
                 owners = self._owners(sftp, handles, files)
                 body: List[Tuple[int, tuple]] = []
@@ -365,7 +381,7 @@ class RemoteFS(FS):
                 if t == CMD_EXTENDED and args[0] == "fsync@openssh.com" and _unsupported(e):
                     self._fsync = False
                     continue
-                raise OSError(e.errno, e.strerror or str(e), path) from None
+                raise _named(e, path) from None
             except EOFError as e:
                 raise OSError(errno.EIO, str(e) or "unexpected end of file", path) from None
 
@@ -382,7 +398,7 @@ class RemoteFS(FS):
                     out.append(None)
                     continue
                 except OSError as e:
-                    raise OSError(e.errno, e.strerror, path) if e.errno else OSError(f"{path}: {e}") from None
+                    raise _named(e, path) from None
                 out.append(FileStat(st.st_mode or 0, st.st_uid or 0, st.st_gid or 0, st.st_size or 0,
                                     float(st.st_mtime or 0)))
         return out
@@ -425,12 +441,7 @@ class RemoteFS(FS):
             raise OSError(errno.ENOTSUP, "the SFTP server has no fsync@openssh.com", self.conn.name)
         sftp = self.sftp
         with self._op("fsync", paths[0]):
-            handles: List[Optional[bytes]] = []
-            for reply in _pipeline(sftp, [(CMD_OPEN, (p, SFTP_FLAG_READ, SFTPAttributes())) for p in paths]):
-                try:
-                    handles.append(_check(sftp, reply, CMD_HANDLE).get_binary())
-                except OSError:
-                    handles.append(None)
+            handles = [h if isinstance(h, bytes) else None for h in _open_all(sftp, paths)]
             body: List[Tuple[int, tuple]] = []
             for h in handles:
                 if h is not None:
@@ -459,7 +470,7 @@ class RemoteFS(FS):
                 except FileNotFoundError:
                     continue
                 except OSError as e:
-                    raise OSError(e.errno, e.strerror, path) if e.errno else OSError(f"{path}: {e}") from None
+                    raise _named(e, path) from None
 
     def stat(self, path, follow=True):
         try:

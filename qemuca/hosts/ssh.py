@@ -102,6 +102,21 @@ class RunResult:
         return self.stdout.decode("utf-8", "replace")
 
 
+def within_caps(where: str, program: str, out: bytearray, err: bytearray) -> None:
+    """A command's output is bounded: a host that prints without end is refused."""
+    for data, cap, stream in ((out, MAX_STDOUT, "output"), (err, MAX_STDERR, "error output")):
+        if len(data) > cap:
+            raise RemoteError(f"{where}: {program} printed more than {cap} bytes of {stream}: "
+                              "refused (a broken or hostile host?)")
+
+
+def checked(where: str, program: str, result: RunResult) -> None:
+    """RemoteError naming the exit status and the first line of error output unless it succeeded."""
+    if not result.ok:
+        first = (result.stderr.decode("utf-8", "replace").strip().splitlines() or [""])[0]
+        raise RemoteError(f"{where}: {program} failed (exit {result.rc})" + (f": {first}" if first else ""))
+
+
 def command_line(argv: Sequence[str]) -> str:
     """The one remote command line for `argv`: allowlisted program, every item quoted."""
     if isinstance(argv, (str, bytes)) or not argv:
@@ -281,16 +296,12 @@ class Connection:
                 chan.close()
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise self.error(e, argv[0], timeout) from None
-        if check and not result.ok:
-            first = (result.stderr.decode("utf-8", "replace").strip().splitlines() or [""])[0]
-            raise RemoteError(f"{self.name}: {argv[0]} failed (exit {result.rc})" + (f": {first}" if first else ""))
+        if check:
+            checked(self.name, argv[0], result)
         return result
 
     def _within_caps(self, program: str, out: bytearray, err: bytearray) -> None:
-        for data, cap, stream in ((out, MAX_STDOUT, "output"), (err, MAX_STDERR, "error output")):
-            if len(data) > cap:
-                raise RemoteError(f"{self.name}: {program} printed more than {cap} bytes of {stream}: "
-                                  "refused (a broken or hostile host?)")
+        within_caps(self.name, program, out, err)
 
     def run_command(self, name: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None,
                     check: bool = False, **args: str) -> RunResult:

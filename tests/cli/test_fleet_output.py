@@ -14,6 +14,7 @@ import re
 import select
 import signal
 import time
+from typing import NamedTuple
 
 import pytest
 
@@ -97,44 +98,52 @@ def _popen(home, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
 
 
-@pytest.mark.sshd
-def test_json_lines_stream_while_a_hung_host_holds_the_run(fleet_factory, tmp_path):
+class _HungRun(NamedTuple):
+    fleet: object
+    home: object
+    text: str  # all of stdout
+    running: bool  # whether qemuca was still running when the awaited lines had come
+    returncode: int
+    err: str
+
+
+def _deploy_past_a_hung_host(fleet_factory, tmp_path, hung_at, lines, needle, *args, interrupt=False):
+    """`deploy --issue` to 4 hosts, the one at `hung_at` frozen, stdout read until `lines`
+    lines hold `needle` (then Ctrl-C when `interrupt`)."""
     fleet = fleet_factory(4)
     home = make_store(tmp_path)
-    hung = fleet[1]
+    hung = fleet[hung_at]
     hung.freeze()
     try:
         proc = _popen(home, "deploy", *fleet.names, "--issue", *ssh_args(fleet.ssh_config, fleet.known_hosts),
-                      *HUNG, "--json-lines")
-        text, running = _read_until(proc, 3, '"host"')
-        assert running, "the three good hosts were written only at the end"
+                      *HUNG, *args)
+        text, running = _read_until(proc, lines, needle)
+        if interrupt:
+            proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=60)
     finally:
         hung.thaw()
-    assert proc.returncode == 1, err
-    objects = [json.loads(line) for line in (text + rest.decode()).splitlines()]
-    assert sorted(o["host"] for o in objects) == sorted(fleet.names)  # one object per host
-    assert objects[-1]["host"] == hung.name and objects[-1]["result"] == "failed"  # completion order
+    return _HungRun(fleet, home, text + rest.decode(), running, proc.returncode, err.decode())
+
+
+@pytest.mark.sshd
+def test_json_lines_stream_while_a_hung_host_holds_the_run(fleet_factory, tmp_path):
+    run = _deploy_past_a_hung_host(fleet_factory, tmp_path, 1, 3, '"host"', "--json-lines")
+    assert run.running, "the three good hosts were written only at the end"
+    assert run.returncode == 1, run.err
+    objects = [json.loads(line) for line in run.text.splitlines()]
+    assert sorted(o["host"] for o in objects) == sorted(run.fleet.names)  # one object per host
+    assert objects[-1]["host"] == run.fleet.names[1] and objects[-1]["result"] == "failed"  # completion order
     assert all(o["result"] == "changed" for o in objects[:-1])
 
 
 @pytest.mark.sshd
 def test_json_array_streams_in_input_order_and_parses(fleet_factory, tmp_path):
-    fleet = fleet_factory(4)
-    home = make_store(tmp_path)
-    hung = fleet[3]
-    hung.freeze()
-    try:
-        proc = _popen(home, "deploy", *fleet.names, "--issue", *ssh_args(fleet.ssh_config, fleet.known_hosts),
-                      *HUNG, "--json")
-        text, running = _read_until(proc, 3, '"host":')
-        assert running, "the hosts before the hung one were written only at the end"
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        hung.thaw()
-    assert proc.returncode == 1, err
-    data = json.loads(text + rest.decode())
-    assert [r["host"] for r in data] == fleet.names  # one object per host, in the order given
+    run = _deploy_past_a_hung_host(fleet_factory, tmp_path, 3, 3, '"host":', "--json")
+    assert run.running, "the hosts before the hung one were written only at the end"
+    assert run.returncode == 1, run.err
+    data = json.loads(run.text)
+    assert [r["host"] for r in data] == run.fleet.names  # one object per host, in the order given
     assert [r["result"] for r in data] == ["changed"] * 3 + ["failed"]
 
 
@@ -142,23 +151,14 @@ def test_json_array_streams_in_input_order_and_parses(fleet_factory, tmp_path):
 def test_ctrl_c_finishes_the_hosts_in_flight_and_records_them(fleet_factory, tmp_path):
     """--parallel 1: host1 done, host2 hung in flight when Ctrl-C comes; host2 ends (timed
     out), host3/host4 never start. The JSON is a whole array of the two; exit 130."""
-    fleet = fleet_factory(4)
-    home = make_store(tmp_path)
-    hung = fleet[1]
-    hung.freeze()
-    try:
-        proc = _popen(home, "deploy", *fleet.names, "--issue", *ssh_args(fleet.ssh_config, fleet.known_hosts),
-                      *HUNG, "--parallel", "1", "--json")
-        text, running = _read_until(proc, 1, '"host":')
-        assert running
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        hung.thaw()
-    assert proc.returncode == 130, err
-    assert err.decode().splitlines() == ["qemuca: error: interrupted: 2 of 4 hosts done, the others not started"]
-    data = json.loads(text + rest.decode())
-    assert [(r["host"], r["result"]) for r in data] == [(fleet.names[0], "changed"), (hung.name, "failed")]
+    run = _deploy_past_a_hung_host(fleet_factory, tmp_path, 1, 1, '"host":', "--parallel", "1", "--json",
+                                   interrupt=True)
+    fleet, home = run.fleet, run.home
+    assert run.running
+    assert run.returncode == 130, run.err
+    assert run.err.splitlines() == ["qemuca: error: interrupted: 2 of 4 hosts done, the others not started"]
+    data = json.loads(run.text)
+    assert [(r["host"], r["result"]) for r in data] == [(fleet.names[0], "changed"), (fleet.names[1], "failed")]
     assert set(deployments(home)) == {fleet.names[0]}  # what finished is in the index
     for host in fleet.names[2:]:
         assert not fleet[host].path("/etc/pki/qemu").exists()  # never started

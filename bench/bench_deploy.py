@@ -17,8 +17,8 @@ child process timed from outside, interleaved so that load on the machine hits a
 Each tool writes its own cert dir and its own copy of qemu.conf on the same hosts, and
 every measured run has new certificates to place (issued, untimed, before each round).
 Results are ratios measured in the same run. Targets: qemuca within 1.5x of the script;
-ansible at least 15x slower than qemuca at 20 hosts; qemuca at 20 hosts within 3x of
-qemuca at 1 host. Needs root (the fake hosts use namespaces) and sshd.
+ansible at least 15x slower than qemuca at the most hosts; qemuca at 20 hosts within 3x
+of qemuca at 1 host (when both are measured). Needs root (the fake hosts use namespaces) and sshd.
 
     python3 bench/bench_deploy.py                 # 1, 5, 20 hosts; 3 repeats
     python3 bench/bench_deploy.py --no-ansible --repeat 5
@@ -305,8 +305,9 @@ def summarise(raw: dict) -> dict:
     targets = {"qemuca_over_script_max": max(r["qemuca_over_script"] for r in rows)}
     targets["qemuca_within_target_of_script"] = targets["qemuca_over_script_max"] <= TARGET_SCRIPT
     top, low = max(counts), min(counts)
-    targets["scale"] = med[top]["qemuca"] / med[low]["qemuca"]
-    targets["scale_within_3x"] = targets["scale"] <= TARGET_SCALE
+    if low == 1 and top <= FORKS:  # one wave of workers against one host: the issue-7 target
+        targets["scale"] = med[top]["qemuca"] / med[low]["qemuca"]
+        targets["scale_within_3x"] = targets["scale"] <= TARGET_SCALE
     if raw["ansible"]:
         targets["ansible_over_qemuca_at_max"] = med[top]["ansible"] / med[top]["qemuca"]
         targets["ansible_15x"] = targets["ansible_over_qemuca_at_max"] >= TARGET_ANSIBLE
@@ -330,8 +331,11 @@ def print_table(summary: dict, ansible: bool) -> None:
 
     print(f"qemuca within {TARGET_SCRIPT:g}x of the script: worst {t['qemuca_over_script_max']:.2f}x "
           f"{met(t['qemuca_within_target_of_script'])}")
-    print(f"qemuca at the most hosts within {TARGET_SCALE:g}x of one host: {t['scale']:.2f}x "
-          f"{met(t['scale_within_3x'])}")
+    if "scale" in t:
+        print(f"qemuca at the most hosts within {TARGET_SCALE:g}x of one host: {t['scale']:.2f}x "
+              f"{met(t['scale_within_3x'])}")
+    else:
+        print(f"qemuca at the most hosts against one host: not measured (needs 1 host and at most {FORKS})")
     if ansible:
         print(f"ansible at least {TARGET_ANSIBLE:g}x slower at the most hosts: "
               f"{t['ansible_over_qemuca_at_max']:.1f}x {met(t['ansible_15x'])}")

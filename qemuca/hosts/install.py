@@ -74,6 +74,12 @@ class CertDir:
         self.sets = posixpath.join(self.state, SETS)
         self.sets_exist = False  # known once prepare() looked
 
+    def make_sets(self) -> None:
+        """The sets dir, unless prepare() found it."""
+        if not self.sets_exist:
+            self.fs.makedirs(self.sets, 0o755)
+            self.sets_exist = True
+
     def _pointed(self, *pointers: str) -> List[Optional[str]]:
         """The set ids the pointers name (None: no such pointer), read in one batch."""
         found = self.fs.links([posixpath.join(self.state, p) for p in pointers])
@@ -160,9 +166,9 @@ class CertDir:
         return True
 
 
-def _unchanged(target: CertDir, creds: CredentialSet, modes: Modes,
-               scan: Optional[Dict[str, Optional[str]]] = None, current: Optional[str] = "?") -> bool:
-    current = target.current_id() if current == "?" else current
+def _unchanged(target: CertDir, creds: CredentialSet, modes: Modes, current: Optional[str],
+               scan: Optional[Dict[str, Optional[str]]] = None) -> bool:
+    """`current` names the set, the links are in place and the stored set is intact."""
     return (current == creds.set_id and target.links_match(creds.names, scan)
             and target.set_intact(creds, modes))
 
@@ -172,12 +178,13 @@ def plan(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes) -> InstallRe
     target = CertDir(fs, cert_dir)
     result = InstallResult(changed=False, set_id=creds.set_id)
     exists = fs.stat(cert_dir) is not None
+    current_id = target.current_id() if exists else None
     if not exists:
         result.actions.append(f"create {cert_dir} (mode {modes.directory:04o})")
-    elif _unchanged(target, creds, modes):
+    elif _unchanged(target, creds, modes, current_id):
         return result
     result.changed = True
-    result.previous_id = target.current_id() if exists else None
+    result.previous_id = current_id
     result.adopted = target.foreign_names() if exists else []
     current: Dict[str, bytes] = {}
     if result.previous_id:
@@ -219,7 +226,8 @@ def prepare(fs: FS, cert_dir: str, modes: Modes) -> CertDir:
         raise Conflict(f"{cert_dir} exists and is not a directory")
     elif modes.uid == 0:
         check_secure(own, stats, parents=False)
-    target.sets_exist = stats[target.sets] is not None and stats[target.sets].is_dir  # type: ignore[union-attr]
+    sets = stats[target.sets]
+    target.sets_exist = sets is not None and sets.is_dir
     return target
 
 
@@ -250,8 +258,7 @@ def make_staging(fs: FS, cert_dir: str, modes: Modes) -> str:
     target = prepare(fs, cert_dir, modes)
     if target.foreign_names():
         _sources(target)  # a planted link is refused before anything is created
-    if not target.sets_exist:
-        fs.makedirs(target.sets, 0o755)
+    target.make_sets()
     path = posixpath.join(target.sets, STAGING_PREFIX + secrets.token_hex(6))
     fs.makedirs(path, 0o700)
     fs.chmod(path, 0o700)
@@ -270,11 +277,10 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
         raise Conflict(f"{cert_dir} holds files qemuca did not write ({', '.join(foreign)}); "
                        "use --force to replace them (they are kept for rollback)")
     set_id = creds.set_id
-    if not foreign and _unchanged(target, creds, modes, names, old_id):
+    if not foreign and _unchanged(target, creds, modes, old_id, names):
         _finish_clean_up(target, old_id, previous_id)
         return InstallResult(changed=False, set_id=set_id, previous_id=previous_id)
-    if not target.sets_exist:
-        fs.makedirs(target.sets, 0o755)
+    target.make_sets()
 
     stamp = (now or (lambda: dt.datetime.now(dt.timezone.utc)))().strftime("%Y-%m-%dT%H:%M:%SZ")
     _write_set(target, creds, modes, creds.manifest(stamp))
@@ -305,7 +311,7 @@ def install(fs: FS, cert_dir: str, creds: CredentialSet, modes: Modes, force: bo
         raise
     keep = {set_id, old_id} if old_id and old_id != set_id else {set_id, previous_id}
     try:
-        _collect_garbage(target, keep)
+        _collect_garbage(target, _garbage(target, keep))
     except OSError:  # leftovers cost disk space only; the next install retries
         pass
     names_changed = foreign or set(names) != set(creds.names) or not target.links_match(creds.names, names)
@@ -425,11 +431,11 @@ def _garbage(target: CertDir, keep) -> List[str]:
     return out
 
 
-def _collect_garbage(target: CertDir, keep, garbage: Optional[List[str]] = None) -> None:
-    """Remove the garbage sets and the temp links an interrupted run left (they are
-    made in the sets dir: one listing finds every one)."""
+def _collect_garbage(target: CertDir, garbage: List[str]) -> None:
+    """Remove what _garbage found: old sets, and the temp links an interrupted run left
+    (they are made in the sets dir: one listing finds every one)."""
     fs = target.fs
-    for name in _garbage(target, keep) if garbage is None else garbage:
+    for name in garbage:
         path = posixpath.join(target.sets, name)
         if TEMP_MARK in name:
             fs.remove(path)
@@ -441,9 +447,7 @@ def _finish_clean_up(target: CertDir, current: Optional[str], previous: Optional
     """A run cut off after its switch never removed the old sets (they hold old keys):
     a later run that finds the set in place removes them. One listing when clean."""
     try:
-        garbage = _garbage(target, {current, previous})
-        if garbage:
-            _collect_garbage(target, {current, previous}, garbage)
+        _collect_garbage(target, _garbage(target, {current, previous}))
     except OSError:  # leftovers cost disk space only
         pass
 

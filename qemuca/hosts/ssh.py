@@ -273,10 +273,10 @@ class Connection:
                 while True:
                     while chan.recv_ready():
                         out += chan.recv(65536)
-                        self._within_caps(argv[0], out, err)
+                        within_caps(self.name, argv[0], out, err)
                     while chan.recv_stderr_ready():
                         err += chan.recv_stderr(65536)
-                        self._within_caps(argv[0], out, err)
+                        within_caps(self.name, argv[0], out, err)
                     if chan.eof_received or chan.closed:
                         break
                     left = deadline - time.monotonic()
@@ -285,10 +285,10 @@ class Connection:
                     select.select([chan], [], [], min(left, 1.0))
                 while chan.recv_ready():  # data that came in with the EOF
                     out += chan.recv(65536)
-                    self._within_caps(argv[0], out, err)
+                    within_caps(self.name, argv[0], out, err)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
-                    self._within_caps(argv[0], out, err)
+                    within_caps(self.name, argv[0], out, err)
                 if not chan.status_event.wait(max(deadline - time.monotonic(), 0)):
                     raise socket.timeout()
                 result = RunResult(chan.recv_exit_status(), bytes(out), bytes(err))
@@ -299,9 +299,6 @@ class Connection:
         if check:
             checked(self.name, argv[0], result)
         return result
-
-    def _within_caps(self, program: str, out: bytearray, err: bytearray) -> None:
-        within_caps(self.name, program, out, err)
 
     def run_command(self, name: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None,
                     check: bool = False, **args: str) -> RunResult:

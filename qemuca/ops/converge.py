@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from qemuca.errors import InvalidInput
-from qemuca.hosts import layout, qemuconf
+from qemuca.hosts import layout
 from qemuca.names import san_value
-from qemuca.ops.deploy import DeployOptions, HostReport, deploy_from_store, enroll_host, placement
+from qemuca.ops.deploy import DeployOptions, HostReport, deploy_from_store, enroll_host, placement, preview_qemu_conf
 from qemuca.ops.lifecycle import renew_host
 from qemuca.pki import profile
 from qemuca.store.index import CertRecord, Store, parse_iso
@@ -94,13 +94,7 @@ def preview(conn, fs, host: str, opts: DeployOptions, operation: str, record: Op
                           f"{record.serial} (ends {record.not_after})"]
     names = ", ".join(n for n in layout.ALL_FILES if n != layout.CRL)
     report.actions.append(f"switch a new set into {opts.cert_dir} ({names}; owner root, group {where.group.name})")
-    if opts.qemu_conf:
-        settings = opts.tls_settings()
-        edit = qemuconf.edit_file(fs, opts.qemu_conf_path, lambda d: qemuconf.apply_tls(d, settings),
-                                  dry_run=True)
-        if edit.changed:
-            report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
-            report.restart_needed = True
+    preview_qemu_conf(fs, opts, where, report)
     return report
 
 

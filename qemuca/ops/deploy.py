@@ -162,16 +162,23 @@ def dry_run(fs, creds: CredentialSet, opts: DeployOptions, where: Placement) -> 
     plan = install.plan(fs, opts.cert_dir, creds, where.modes)
     report.actions = plan.actions + [f"replace {n} (not written by qemuca; kept for rollback)"
                                      for n in plan.adopted]
-    changed = plan.changed
-    if opts.qemu_conf:
-        settings = opts.tls_settings()
-        edit = qemuconf.edit_file(fs, opts.qemu_conf_path, lambda d: qemuconf.apply_tls(d, settings),
-                                  dry_run=True, current=where.conf)
-        if edit.changed:
-            report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
-            report.restart_needed = changed = True
+    changed = preview_qemu_conf(fs, opts, where, report) or plan.changed
     report.result = "would-change" if changed else "unchanged"
     return report
+
+
+def preview_qemu_conf(fs, opts: DeployOptions, where: Placement, report: HostReport) -> bool:
+    """Whether qemu.conf would change (the diff and the restart noted in `report`);
+    from the file as placement() read it, writing nothing."""
+    if not opts.qemu_conf:
+        return False
+    settings = opts.tls_settings()
+    edit = qemuconf.edit_file(fs, opts.qemu_conf_path, lambda d: qemuconf.apply_tls(d, settings),
+                              dry_run=True, current=where.conf)
+    if edit.changed:
+        report.qemu_conf_diff = qemuconf.unified_diff(edit.before, edit.after, edit.path)
+        report.restart_needed = True
+    return edit.changed
 
 
 def switch_in(conn, fs, creds: CredentialSet, opts: DeployOptions, where: Placement,
